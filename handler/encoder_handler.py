@@ -1,0 +1,135 @@
+"""TorchServe adapter for image_embedder: settings from model-config.yaml, one status per request.
+
+TorchServe loads exactly one class from this module, so everything else lives in image_embedder.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from http import HTTPStatus
+from typing import Any, Optional, Union
+
+import numpy as np
+from ts.torch_handler.base_handler import BaseHandler
+
+from image_embedder.encoder import ImageEncoder, resolve_device
+from image_embedder.errors import RequestError
+from image_embedder.request_decoding import DecodedRequest, check_request_limits, decode_request, request_body
+from image_embedder.response_encoding import JSON_TYPE, encode_response
+from image_embedder.settings import EncoderSettings
+
+logger = logging.getLogger(__name__)
+Decoded = Union[DecodedRequest, RequestError, None]  # None: a describe request
+
+
+class EmbeddingHandler(BaseHandler):
+    """Serves the pooled activations of one layer of a user's model as embeddings."""
+
+    def initialize(self, context: Any) -> None:
+        """Load the model named by the archive's `handler:` settings and hook its layer, once."""
+        self.context = context
+        self.manifest = context.manifest
+        properties = context.system_properties
+        settings = EncoderSettings.from_mapping((getattr(context, "model_yaml_config", None) or {}).get("handler"))
+        self.device = resolve_device(settings.device, properties.get("gpu_id"))
+        self.encoder = ImageEncoder(settings, properties.get("model_dir") or ".", self.device)
+        self.model = self.encoder.model
+        self.model_name = context.model_name
+        self.initialized = True
+        logger.info("image encoder ready: %s", json.dumps(self.encoder.describe()))
+
+    # -- request headers -------------------------------------------------------------------
+    def _headers(self, idx: int) -> dict[str, Any]:
+        try:
+            return {str(k).lower(): v for k, v in self.context.get_all_request_header(idx).items()}
+        except (AttributeError, IndexError, TypeError):
+            return {}
+
+    def _content_type(self, idx: int, row: dict) -> str:
+        headers = self._headers(idx)
+        for name in ("body", "data", *row.keys()):
+            part = headers.get(str(name).lower())
+            if isinstance(part, dict) and part.get("content-type"):
+                return part["content-type"]
+        value = headers.get("content-type")
+        return value if isinstance(value, str) else ""
+
+    def _header(self, idx: int, name: str) -> Optional[str]:
+        value = self._headers(idx).get(name)
+        return value if isinstance(value, str) else None
+
+    # -- the three steps ---------------------------------------------------------------------
+    def preprocess(self, data: list[dict]) -> list[Decoded]:
+        """Decode and check each request on its own: a bad one becomes its RequestError."""
+        s = self.encoder.settings
+        decoded: list[Decoded] = []
+        for idx, row in enumerate(data):
+            if str(self._header(idx, "describe")).lower() == "true":
+                decoded.append(None)
+                continue
+            try:
+                request = decode_request(request_body(row or {}), self._content_type(idx, row or {}))
+                check_request_limits(request, s.max_images_per_request, s.max_batch_pixels)
+                decoded.append(request)
+            except RequestError as exc:
+                decoded.append(exc)
+            except Exception as exc:  # a decoder bug must still cost only this request
+                logger.exception("decoding request %d failed", idx)
+                decoded.append(RequestError(500, "InternalError", f"decoding failed: {type(exc).__name__}: {exc}"))
+        return decoded
+
+    def inference(self, decoded: list[Decoded], *args: Any, **kwargs: Any) -> list[Union[np.ndarray, RequestError, None]]:
+        """Embed all good requests together; errors and describe requests pass through untouched."""
+        good = [i for i, d in enumerate(decoded) if isinstance(d, DecodedRequest)]
+        results: list[Union[np.ndarray, RequestError, None]] = list(decoded)  # type: ignore[arg-type]
+        embedded = self.encoder.embed_requests([decoded[i].images for i in good])  # type: ignore[union-attr]
+        for i, result in zip(good, embedded):
+            results[i] = result
+        return results
+
+    def postprocess(self, results: list[Union[np.ndarray, RequestError, None]], decoded: list[Decoded]) -> list[bytes]:
+        """Serialize each answer once and set its status and Content-Type."""
+        out = []
+        for idx, result in enumerate(results):
+            if isinstance(result, RequestError):
+                out.append(self._error(idx, result))
+                continue
+            if result is None:
+                self.context.set_response_content_type(idx, JSON_TYPE)
+                out.append(json.dumps(self.encoder.describe(), separators=(",", ":")).encode("utf-8"))
+                continue
+            body, content_type = encode_response(result, decoded[idx], self.model_name, self._header(idx, "accept"))
+            self.context.set_response_content_type(idx, content_type)
+            out.append(body)
+        return out
+
+    def _error(self, idx: int, error: RequestError) -> bytes:
+        try:
+            phrase = HTTPStatus(error.status).phrase
+        except ValueError:
+            phrase = error.kind
+        self.context.set_response_status(error.status, phrase, idx)
+        self.context.set_response_content_type(idx, JSON_TYPE)
+        return error.to_json().encode("utf-8")
+
+    def handle(self, data: list[dict], context: Any) -> list[bytes]:
+        """One TorchServe batch: decoded, embedded together, each request answered on its own."""
+        self.context = context
+        start = time.perf_counter()
+        decoded = self.preprocess(data)
+        forward_start = time.perf_counter()
+        results = self.inference(decoded)
+        forward_ms = (time.perf_counter() - forward_start) * 1000
+        out = self.postprocess(results, decoded)
+        self._record_metrics(decoded, forward_ms, (time.perf_counter() - start) * 1000)
+        return out
+
+    def _record_metrics(self, decoded: list[Decoded], forward_ms: float, total_ms: float) -> None:
+        metrics = getattr(self.context, "metrics", None)
+        if metrics is None:
+            return
+        try:
+            metrics.add_time("HandlerTime", round(total_ms, 2), None, "ms")
+        except Exception:  # metrics must never fail a request
+            logger.debug("recording metrics failed", exc_info=True)

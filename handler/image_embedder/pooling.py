@@ -1,0 +1,65 @@
+"""Turn a layer's activations into one vector per image.
+
+- (N, D): passed through, whatever the pooling.
+- (N, T, D) tokens: `avg`/`max`/`gem` over T, `cls` takes token 0, `none` flattens.
+- (N, C, *spatial) feature maps (channels at `channel_axis`): `avg` is the original encoder's
+  AdaptiveAvgPool2d(1), `max` its max twin, `gem` the generalized mean, `none` flattens.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+GEM_EPS = 1e-6
+
+
+def _gem(x: torch.Tensor, dims: tuple[int, ...], p: float) -> torch.Tensor:
+    return x.clamp(min=GEM_EPS).pow(p).mean(dim=dims).pow(1.0 / p)
+
+
+def pool(features: torch.Tensor, method: str = "avg", channel_axis: int = 1, gem_p: float = 3.0) -> torch.Tensor:
+    """One (N, D) float tensor from a layer output of rank 2 or more."""
+    if features.dim() < 2:
+        raise ValueError(f"layer output has shape {tuple(features.shape)}; need a batch axis and features")
+    if features.dim() == 2:
+        return features
+    if method == "none":
+        return features.flatten(1)
+    if features.dim() == 3:
+        if method == "cls":
+            return features[:, 0]
+        dims: tuple[int, ...] = (1,)
+    else:
+        if method == "cls":
+            raise ValueError(
+                f"pooling 'cls' takes the first token of a (N, T, D) output; this layer gives "
+                f"{tuple(features.shape)}: use avg, max, gem or none"
+            )
+        if channel_axis not in (1, -1, features.dim() - 1):
+            features = features.movedim(channel_axis, 1)
+        elif channel_axis in (-1, features.dim() - 1):
+            features = features.movedim(-1, 1)
+        dims = tuple(range(2, features.dim()))
+    if method == "avg":
+        return features.mean(dim=dims)
+    if method == "max":
+        return features.amax(dim=dims)
+    if method == "gem":
+        return _gem(features, dims, gem_p)
+    raise ValueError(f"unknown pooling {method!r}")
+
+
+def pool_layers(
+    outputs: Sequence[torch.Tensor],
+    method: str = "avg",
+    channel_axis: int = 1,
+    gem_p: float = 3.0,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Pool each tapped layer, concatenate in order, and L2-normalize if asked."""
+    pooled = [pool(o, method, channel_axis, gem_p).float() for o in outputs]
+    out = pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)
+    if normalize:
+        out = torch.nn.functional.normalize(out, p=2.0, dim=1)
+    return out

@@ -1,0 +1,192 @@
+"""One TorchServe request in, a checked batch of images out (or a RequestError for that request alone).
+
+Accepted bodies:
+- .npy bytes (application/x-npy or application/octet-stream): one image (C,H,W) or a batch (N,C,H,W);
+- JSON `{"data": nested list}`, KServe v1 `{"instances": [...]}`, KServe v2 `{"inputs": [...]}`;
+- encoded images (PNG/JPEG), when an image decoder is plugged in (see `image_decoding`).
+Values become float32 later, unscaled unless the settings ask for scale/mean/std.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from .errors import RequestError, bad_request
+from .npy_codec import NPY_MAGIC, read_npy
+
+ALLOWED_DTYPES = (np.uint8, np.float16, np.float32, np.float64)
+ALLOWED_DTYPE_NAMES = ", ".join(np.dtype(d).name for d in ALLOWED_DTYPES)
+KSERVE_V2_DTYPES = {
+    "UINT8": np.uint8, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
+}
+NPY_CONTENT_TYPES = ("application/x-npy", "application/octet-stream", "application/npy")
+
+
+@dataclass
+class DecodedRequest:
+    """The images of one request, grouped by shape, and how the client wants its answer."""
+
+    images: list[np.ndarray]
+    protocol: str = "data"  # data | npy | kserve_v1 | kserve_v2
+    request_id: Optional[str] = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return sum(len(a) for a in self.images)
+
+
+ImageDecoder = Callable[[Any, str], Optional[list[np.ndarray]]]
+
+
+def request_body(row: dict) -> Any:
+    """The payload TorchServe hands over for one request: `body` or `data`, else the only part."""
+    for key in ("body", "data"):
+        if key in row and row[key] is not None:
+            return row[key]
+    if len(row) == 1:
+        return next(iter(row.values()))
+    return None
+
+
+def check_images(array: np.ndarray, where: str = "input") -> np.ndarray:
+    """Bring one image (C,H,W) or a batch (N,C,H,W) to a batch, refusing what can't be an image batch."""
+    if array.dtype.type not in ALLOWED_DTYPES:
+        raise bad_request(
+            f"{where} has dtype {array.dtype}; supported dtypes: {ALLOWED_DTYPE_NAMES}", "UnsupportedDtype"
+        )
+    if array.ndim == 3:
+        array = array[None]
+    elif array.ndim != 4:
+        raise bad_request(
+            f"{where} has shape {tuple(array.shape)} ({array.ndim} dimensions); expected one image (C,H,W) "
+            "or a batch (N,C,H,W)",
+            "InvalidShape",
+        )
+    if 0 in array.shape:
+        raise bad_request(f"{where} has an empty dimension in shape {tuple(array.shape)}", "InvalidShape")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise bad_request(f"{where} contains NaN or infinity", "NonFiniteValues")
+    return array
+
+
+def _json_array(data: Any, where: str, dtype: type = np.float32) -> np.ndarray:
+    if isinstance(data, (str, bytes, dict)) or data is None:
+        raise bad_request(f"{where} must be a nested list of numbers, got {type(data).__name__}", "InvalidJson")
+    try:
+        with np.errstate(over="ignore"):
+            array = np.asarray(data, dtype=dtype)
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise bad_request(f"{where} is not a rectangular nested list of numbers: {exc}", "InvalidJson") from exc
+    return array
+
+
+def _from_kserve_v2(payload: dict) -> DecodedRequest:
+    inputs = payload.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise bad_request('KServe v2 body needs a non-empty "inputs" list', "InvalidKServeV2")
+    images = []
+    for i, tensor in enumerate(inputs):
+        where = f"inputs[{i}]"
+        if not isinstance(tensor, dict):
+            raise bad_request(f"{where} must be an object with name, shape, datatype, data", "InvalidKServeV2")
+        shape, datatype, data = tensor.get("shape"), tensor.get("datatype", "FP32"), tensor.get("data")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise bad_request(f"{where}.shape must be a list of integers, got {shape!r}", "InvalidKServeV2")
+        if any(d <= 0 for d in shape):
+            raise bad_request(f"{where}.shape {shape} has a zero or negative dimension", "InvalidKServeV2")
+        if datatype not in KSERVE_V2_DTYPES:
+            raise bad_request(
+                f"{where}.datatype {datatype!r} is not supported; use one of {', '.join(KSERVE_V2_DTYPES)}",
+                "UnsupportedDtype",
+            )
+        array = _json_array(data, f"{where}.data", dtype=np.float32)
+        if array.size != math.prod(shape):
+            raise bad_request(
+                f"{where}.shape {shape} needs {math.prod(shape)} values but data holds {array.size}",
+                "InvalidKServeV2",
+            )
+        images.append(check_images(array.reshape(shape), where))
+    return DecodedRequest(images, "kserve_v2", payload.get("id"), {"input_names": [t.get("name") for t in inputs]})
+
+
+def decode_json(payload: Any) -> DecodedRequest:
+    """A decoded JSON body in one of the three accepted forms."""
+    if isinstance(payload, dict):
+        if "inputs" in payload:
+            return _from_kserve_v2(payload)
+        if "instances" in payload:
+            return DecodedRequest([check_images(_json_array(payload["instances"], "instances"), "instances")], "kserve_v1")
+        if "data" in payload:
+            return DecodedRequest([check_images(_json_array(payload["data"], "data"), "data")], "data")
+        raise bad_request(
+            f'JSON body has keys {sorted(payload)[:10]}; expected "data", "instances" (KServe v1) or "inputs" (KServe v2)',
+            "InvalidJson",
+        )
+    if isinstance(payload, list):
+        return DecodedRequest([check_images(_json_array(payload, "body"), "body")], "data")
+    raise bad_request(f"JSON body must be an object, got {type(payload).__name__}", "InvalidJson")
+
+
+def _parse_json_bytes(body: bytes | bytearray) -> Any:
+    try:
+        return json.loads(body)
+    except RecursionError as exc:
+        raise bad_request("JSON body is nested too deeply", "InvalidJson") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"body is not valid JSON: {exc}", "InvalidJson") from exc
+
+
+def decode_request(
+    body: Any,
+    content_type: str = "",
+    image_decoder: Optional[ImageDecoder] = None,
+) -> DecodedRequest:
+    """Decode one request body; the content type, else the bytes themselves, pick the format."""
+    content_type = (content_type or "").split(";")[0].strip().lower()
+    if body is None or (isinstance(body, (bytes, bytearray, str)) and len(body) == 0):
+        raise bad_request("request body is empty; send .npy bytes or a JSON body", "EmptyBody")
+    if isinstance(body, (dict, list)):
+        return decode_json(body)
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    if not isinstance(body, (bytes, bytearray)):
+        raise bad_request(f"unsupported body of type {type(body).__name__}", "InvalidBody")
+    if body[:6] == NPY_MAGIC:
+        return DecodedRequest([check_images(read_npy(body), ".npy array")], "npy")
+    if image_decoder is not None:
+        images = image_decoder(body, content_type)
+        if images is not None:
+            return DecodedRequest([check_images(a, "image") for a in images], "image")
+    if content_type in NPY_CONTENT_TYPES:
+        read_npy(body)  # raises the precise reason
+    first = bytes(body[:64]).lstrip()[:1]
+    if content_type.endswith("json") or first in (b"{", b"["):
+        return decode_json(_parse_json_bytes(body))
+    raise bad_request(
+        f"cannot decode a body of {len(body)} bytes with Content-Type {content_type or 'unset'!r}: "
+        "send .npy (application/x-npy) or JSON (application/json)",
+        "UnsupportedMediaType",
+    )
+
+
+def check_request_limits(request: DecodedRequest, max_images: int, max_batch_pixels: int) -> None:
+    """Refuse requests that would exhaust memory: too many images, or one image too big for a pass."""
+    if request.count > max_images:
+        raise RequestError(
+            413, "TooManyImages",
+            f"request holds {request.count} images; at most {max_images} (max_images_per_request) are allowed",
+        )
+    for batch in request.images:
+        per_image = math.prod(batch.shape[1:])
+        if per_image > max_batch_pixels:
+            raise RequestError(
+                413, "ImageTooLarge",
+                f"one image of shape {tuple(batch.shape[1:])} has {per_image} values; at most "
+                f"{max_batch_pixels} (max_batch_pixels) fit in one forward pass",
+            )

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# From nothing to a served embedding: make the environment, build the example archive into
+# model_store/encoder.mar, start TorchServe with config.properties, wait for /ping, embed one image.
+# Stop the server with: .venv/bin/torchserve --stop
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+PY=.venv/bin/python
+mkdir -p build/example logs
+$PY examples/custom_model/model.py build/example/model_state_dict.pth >/dev/null
+$PY scripts/build_mar.py --model-file examples/custom_model/model.py --model-class CustomModel \
+  --state-dict build/example/model_state_dict.pth --layer conv1 --input-shape 3,224,224 \
+  --name encoder --export-path model_store
+.venv/bin/torchserve --stop >/dev/null 2>&1 || true
+rm -f key_file.json
+# TorchServe keeps its stdout: send it to a file, never to a pipe.
+.venv/bin/torchserve --start --ncs --ts-config config.properties --model-store model_store \
+  --models encoder=encoder.mar >logs/torchserve.out 2>&1
+$PY - <<'PY'
+import io, json, sys, time
+import numpy as np, requests
+
+deadline = time.time() + 120
+while time.time() < deadline:
+    try:
+        key = json.load(open("key_file.json"))["inference"]["key"]
+        auth = {"Authorization": f"Bearer {key}"}
+        if requests.get("http://127.0.0.1:8080/ping", headers=auth, timeout=2).json().get("status") == "Healthy":
+            break
+    except (OSError, ValueError, KeyError, requests.RequestException):
+        pass
+    time.sleep(0.5)
+else:
+    sys.exit("TorchServe did not become healthy in 120 s: see logs/torchserve.out")
+image = np.random.default_rng(0).random((3, 224, 224), dtype=np.float32)
+buf = io.BytesIO(); np.save(buf, image)
+r = requests.post("http://127.0.0.1:8080/predictions/encoder", data=buf.getvalue(),
+                  headers={**auth, "Content-Type": "application/x-npy"}, timeout=60)
+r.raise_for_status()
+embedding = np.asarray(r.json()["embeddings"][0])
+print(f"served: POST /predictions/encoder -> embedding of shape {embedding.shape}")
+PY
+echo "TorchServe is running (inference 127.0.0.1:8080, management 127.0.0.1:8081); token in key_file.json."
+echo "Stop it with: .venv/bin/torchserve --stop"

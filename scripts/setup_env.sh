@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Make .venv with every pinned requirement, and check for Java 17 (TorchServe's frontend).
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if ! java -version 2>&1 | grep -q 'version "17'; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "Java 17 not found: installing openjdk-17-jre-headless" >&2
+    (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless) >&2
+  else
+    echo "TorchServe needs Java 17: install it (Debian/Ubuntu: sudo apt-get install -y openjdk-17-jre-headless)" >&2
+    exit 1
+  fi
+fi
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.requirements.sha
+want=$(sha256sum requirements.txt | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  .venv/bin/python -m pip install -q -r requirements.txt >&2
+  echo "$want" > "$stamp"
+fi

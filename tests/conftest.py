@@ -1,0 +1,76 @@
+"""Shared fixtures: the example's files and archive, archive building, in-process and real TorchServe."""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from build_mar import build_archive
+from reference import load_reference_model
+from ts_inprocess import InProcessModel
+from ts_server import REPO, TorchServe
+
+EXAMPLE_DIR = os.path.join(REPO, "examples", "custom_model")
+MODELS_DIR = os.path.join(os.path.dirname(__file__), "models")
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def java_available() -> bool:
+    try:
+        out = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return 'version "17' in out.stderr or 'version "17' in out.stdout
+
+
+@pytest.fixture(scope="session")
+def example_files(tmp_path_factory) -> dict:
+    """The original README's CustomModel and a state_dict made by its own __main__ block."""
+    folder = tmp_path_factory.mktemp("example")
+    shutil.copy(os.path.join(EXAMPLE_DIR, "model.py"), folder / "model.py")
+    weights = folder / "model_state_dict.pth"
+    subprocess.run([sys.executable, str(folder / "model.py"), str(weights)], check=True, capture_output=True)
+    return {"model_file": str(folder / "model.py"), "state_dict": str(weights), "class": "CustomModel"}
+
+
+@pytest.fixture(scope="session")
+def example_model(example_files) -> torch.nn.Module:
+    return load_reference_model(example_files["model_file"], example_files["class"], example_files["state_dict"])
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("model_store"))
+
+
+@pytest.fixture(scope="session")
+def example_archive(example_files, model_store) -> str:
+    return build_archive(example_files["model_file"], example_files["class"], example_files["state_dict"],
+                         "conv1", input_shape=[3, 224, 224], name="encoder", export_path=model_store, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def example_service(example_archive) -> InProcessModel:
+    return InProcessModel(example_archive)
+
+
+@pytest.fixture(scope="session")
+def torchserve(model_store, example_archive):
+    """One real TorchServe for the session, serving the example as `encoder` (token auth on)."""
+    if not java_available():
+        pytest.fail("TorchServe needs Java 17 (apt-get install -y openjdk-17-jre-headless)")
+    server = TorchServe(model_store, "encoder=encoder.mar")
+    server.start()
+    yield server
+    server.cleanup()

@@ -1,0 +1,174 @@
+"""A real TorchServe for tests and scripts: free ports, private TMPDIR and working dir, token auth on."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import closing
+from typing import Optional
+
+import requests
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED_CONFIG = os.path.join(REPO, "config.properties")
+PORT_KEYS = ("inference_address", "management_address", "metrics_address")
+GRPC_KEYS = ("grpc_inference_port", "grpc_management_port")
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports free on loopback right now."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _torchserve() -> str:
+    local = os.path.join(os.path.dirname(sys.executable), "torchserve")
+    return local if os.path.exists(local) else (shutil.which("torchserve") or "torchserve")
+
+
+class TorchServe:
+    """Start with `start()`, stop with `stop()`; `inference_url`, `management_url`, `metrics_url`, `headers()`."""
+
+    def __init__(self, model_store: str, models: str = "", overrides: Optional[dict] = None,
+                 base_config: str = SHIPPED_CONFIG) -> None:
+        self.model_store = os.path.abspath(model_store)
+        self.models = models
+        self.workdir = tempfile.mkdtemp(prefix="ts-test-")
+        self.tmpdir = os.path.join(self.workdir, "tmp")
+        os.makedirs(self.tmpdir)
+        ports = free_ports(5)
+        self.ports = dict(zip(PORT_KEYS + GRPC_KEYS, ports))
+        self.inference_url = f"http://127.0.0.1:{ports[0]}"
+        self.management_url = f"http://127.0.0.1:{ports[1]}"
+        self.metrics_url = f"http://127.0.0.1:{ports[2]}"
+        self.config_path = os.path.join(self.workdir, "config.properties")
+        self._write_config(base_config, overrides or {})
+        self.keys: dict[str, str] = {}
+        self.log_path = os.path.join(self.workdir, "torchserve.out")
+
+    def _write_config(self, base_config: str, overrides: dict) -> None:
+        lines = []
+        with open(base_config) as f:
+            for line in f:
+                key = line.split("=", 1)[0].strip()
+                if key in self.ports or key in overrides or key == "model_store":
+                    continue
+                lines.append(line.rstrip("\n"))
+        for key in PORT_KEYS:
+            lines.append(f"{key}=http://127.0.0.1:{self.ports[key]}")
+        for key in GRPC_KEYS:
+            lines.append(f"{key}={self.ports[key]}")
+        lines.append(f"model_store={self.model_store}")
+        lines.extend(f"{k}={v}" for k, v in overrides.items())
+        with open(self.config_path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    @property
+    def env(self) -> dict:
+        env = dict(os.environ, TMPDIR=self.tmpdir, TEMP=self.tmpdir)  # TEMP: Java's tmpdir (worker sockets)
+        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+        return env
+
+    def start(self, timeout: float = 120.0) -> "TorchServe":
+        cmd = [_torchserve(), "--start", "--ncs", "--foreground", "--model-store", self.model_store,
+               "--ts-config", self.config_path]
+        if self.models:
+            cmd += ["--models", self.models]
+        self._out = open(self.log_path, "wb")
+        # --foreground keeps the Java process as our child, so it is ours to stop even if a test dies.
+        self.process = subprocess.Popen(cmd, cwd=self.workdir, env=self.env, stdout=self._out,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"torchserve exited with {self.process.returncode}:\n{self.log_tail()}")
+            if self._read_keys():
+                try:
+                    # TorchServe 0.12 guards /ping with the inference token too.
+                    r = requests.get(self.inference_url + "/ping", headers=self.headers(), timeout=2)
+                    if r.status_code == 200 and r.json().get("status") == "Healthy":
+                        return self
+                except (requests.RequestException, ValueError):
+                    pass
+            time.sleep(0.3)
+        self.stop()
+        raise TimeoutError(f"torchserve not healthy after {timeout}s:\n{self.log_tail()}")
+
+    def _read_keys(self) -> bool:
+        path = os.path.join(self.workdir, "key_file.json")
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            self.keys = {name: data[name]["key"] for name in ("inference", "management")}
+            return True
+        except (OSError, ValueError, KeyError):
+            return False
+
+    def headers(self, api: str = "inference", **extra: str) -> dict:
+        """Authorization header for `api` ('inference' or 'management') plus any extra headers."""
+        return {"Authorization": f"Bearer {self.keys[api]}", **extra}
+
+    def wait_for_workers(self, model: str, count: int = 1, timeout: float = 120.0) -> None:
+        """Block until `model` has `count` READY workers."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            r = requests.get(f"{self.management_url}/models/{model}", headers=self.headers("management"), timeout=5)
+            if r.status_code == 200:
+                workers = r.json()[0].get("workers", [])
+                if sum(w.get("status") == "READY" for w in workers) >= count:
+                    return
+            time.sleep(0.3)
+        raise TimeoutError(f"{model} has fewer than {count} ready workers after {timeout}s")
+
+    def log_tail(self, lines: int = 60) -> str:
+        chunks = []
+        for path in (self.log_path, os.path.join(self.workdir, "logs", "model_log.log")):
+            try:
+                with open(path, errors="replace") as f:
+                    chunks.append(f"--- {path}\n" + "".join(f.readlines()[-lines:]))
+            except OSError:
+                pass
+        return "\n".join(chunks)
+
+    def stop(self) -> None:
+        """`torchserve --stop` with our TMPDIR, then make sure the process tree is gone."""
+        proc = getattr(self, "process", None)
+        if proc is None:
+            return
+        subprocess.run([_torchserve(), "--stop"], cwd=self.workdir, env=self.env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+        self._out.close()
+        self.process = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "TorchServe":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
