@@ -39,6 +39,11 @@ def read_npy(body: bytes | bytearray | memoryview) -> np.ndarray:
             "are refused (nothing is ever unpickled)",
             "UnsupportedDtype",
         )
+    if dtype.kind not in "biufc" or dtype.itemsize == 0:  # strings, bytes, void, dates: not pixel data
+        raise bad_request(
+            f".npy holds dtype {dtype}; only numeric arrays are read (supported: uint8, float16, float32, float64)",
+            "UnsupportedDtype",
+        )
     if any(d < 0 for d in shape):
         raise bad_request(f".npy header has a negative dimension in shape {shape}", "InvalidNpy")
     offset = stream.tell()
@@ -51,6 +56,8 @@ def read_npy(body: bytes | bytearray | memoryview) -> np.ndarray:
             "InvalidNpy",
         )
     flat = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
+    if not dtype.isnative:  # torch reads native byte order only: one bounded copy
+        flat = flat.astype(dtype.newbyteorder("="))
     if fortran_order:
         return flat.reshape(shape[::-1]).transpose()
     return flat.reshape(shape)
