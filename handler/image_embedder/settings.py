@@ -87,7 +87,7 @@ class EncoderSettings:
             raise ConfigError(
                 f"model_init_kwargs must be a mapping, got {type(self.model_init_kwargs).__name__}"
             )
-        names = self.layer_names
+        names = self.layer_names if isinstance(self.layer_name, (str, list, tuple)) else ()
         if not names or not all(isinstance(n, str) and n for n in names):
             raise ConfigError(f"layer_name must be a non-empty string or list of strings, got {self.layer_name!r}")
         for name in ("default_batch_size", "max_images_per_request", "max_batch_pixels"):
