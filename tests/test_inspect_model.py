@@ -1,0 +1,96 @@
+"""inspect_model.py: hooks on every submodule give each layer's output shape and embedding sizes,
+also for a model torch.fx cannot trace (data-dependent control flow)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from ts_server import REPO
+
+SCRIPT = os.path.join(REPO, "scripts", "inspect_model.py")
+
+BRANCHY = textwrap.dedent('''
+    import torch
+    import torch.nn as nn
+
+
+    class Branchy(nn.Module):
+        """Data-dependent control flow: torch.fx cannot trace `if x.sum() >= 0`."""
+
+        def __init__(self, width=4):
+            super().__init__()
+            self.stem = nn.Conv2d(3, width, 3, padding=1)
+            self.pos = nn.Sequential(nn.Conv2d(width, 8, 3, stride=2), nn.ReLU())
+            self.neg = nn.Conv2d(width, 8, 1)
+            self.tokens = nn.Linear(8, 6)
+
+        def forward(self, x):
+            x = torch.relu(self.stem(x))
+            if x.sum() >= 0:  # always true here, but only a real run can tell
+                x = self.pos(x)
+            else:
+                x = self.neg(x)
+            t = self.tokens(x.flatten(2).transpose(1, 2))  # (N, T, 6)
+            return t.mean(1)
+''')
+
+
+@pytest.fixture(scope="module")
+def branchy_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("inspect") / "branchy.py"
+    path.write_text(BRANCHY)
+    return str(path)
+
+
+def run_inspect(*args):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_untraceable_model_table_matches_real_forward(branchy_file):
+    namespace = {}
+    exec(BRANCHY, namespace)
+    model = namespace["Branchy"](width=4)
+    with pytest.raises(Exception):  # the premise: torch.fx cannot trace it
+        torch.fx.symbolic_trace(model)
+
+    out = run_inspect("--model-file", branchy_file, "--model-class", "Branchy", "--model-kwargs", '{"width": 4}',
+                      "--input-shape", "3,16,12", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    assert list(rows) == ["stem", "pos", "pos.0", "pos.1", "neg", "tokens"]
+    assert rows["stem"]["type"] == "Conv2d" and rows["stem"]["shape"] == [1, 4, 16, 12]
+    assert rows["stem"]["sizes"] == {"avg": 4, "max": 4, "gem": 4, "cls": None, "none": 4 * 16 * 12}
+    # pos.0: 3x3 stride 2 on 16x12 -> 7x5; the branch not taken is reported, not guessed
+    assert rows["pos"]["type"] == "Sequential" and rows["pos.0"]["shape"] == [1, 8, 7, 5]
+    assert rows["pos.1"]["type"] == "ReLU" and rows["pos.1"]["sizes"]["max"] == 8
+    assert rows["neg"]["shape"] is None and rows["neg"]["note"] == "did not run"
+    # tokens: (N, T=35, 6): cls applies to a token output, none flattens T*D
+    assert rows["tokens"]["shape"] == [1, 35, 6]
+    assert rows["tokens"]["sizes"] == {"avg": 6, "max": 6, "gem": 6, "cls": 6, "none": 35 * 6}
+
+
+def test_table_text_for_the_example():
+    out = run_inspect("--model-file", os.path.join(REPO, "examples", "custom_model", "model.py"),
+                      "--model-class", "CustomModel", "--input-shape", "3,224,224")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[:8] == ["layer", "type", "output", "shape", "avg", "max", "gem", "cls"]
+    conv1 = next(line.split() for line in lines if line.startswith("conv1 "))
+    assert conv1[:4] == ["conv1", "Conv2d", "1x10x220x220", "10"] and conv1[7] == str(10 * 220 * 220)
+    fc1 = next(line.split() for line in lines if line.startswith("fc1 "))
+    assert fc1[:4] == ["fc1", "Linear", "1x120", "120"]
+
+
+def test_bad_shape_and_kwargs_are_clear_errors():
+    model = os.path.join(REPO, "examples", "custom_model", "model.py")
+    out = run_inspect("--model-file", model, "--model-class", "CustomModel", "--input-shape", "3,x,224")
+    assert out.returncode == 2 and "--input-shape '3,x,224'" in out.stderr
+    out = run_inspect("--model-file", model, "--model-class", "CustomModel", "--input-shape", "3,64,64")
+    assert out.returncode == 1 and "forward pass on shape 3,64,64 failed" in out.stderr
+    out = run_inspect("--model-file", model, "--model-class", "CustomModel", "--input-shape", "3,8,8",
+                      "--model-kwargs", "[1]")
+    assert out.returncode == 2 and "JSON object" in out.stderr
