@@ -15,7 +15,10 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from image_embedder.encoder import ImageEncoder, resolve_device
 from image_embedder.errors import RequestError
-from image_embedder.request_decoding import DecodedRequest, check_request_limits, decode_request, request_body
+from image_embedder.image_decoding import ImageDecoder
+from image_embedder.request_decoding import (
+    DecodedRequest, check_request_limits, decode_multipart, decode_request, request_body,
+)
 from image_embedder.response_encoding import JSON_TYPE, encode_response
 from image_embedder.settings import EncoderSettings
 
@@ -35,6 +38,7 @@ class EmbeddingHandler(BaseHandler):
         self.device = resolve_device(settings.device, properties.get("gpu_id"))
         self.encoder = ImageEncoder(settings, properties.get("model_dir") or ".", self.device)
         self.model = self.encoder.model
+        self.image_decoder = ImageDecoder.from_settings(settings)
         self.model_name = context.model_name
         self.initialized = True
         logger.info("image encoder ready: %s", json.dumps(self.encoder.describe()))
@@ -59,6 +63,19 @@ class EmbeddingHandler(BaseHandler):
         value = self._headers(idx).get(name)
         return value if isinstance(value, str) else None
 
+    def _decode(self, idx: int, row: dict) -> DecodedRequest:
+        """multipart/form-data: TorchServe hands each part as its own key of `row`, with the part's
+        Content-Type in the request headers under the part's name; anything else is one body."""
+        headers = self._headers(idx)
+        request_type = headers.get("content-type")
+        if isinstance(request_type, str) and request_type.lower().startswith("multipart/"):
+            parts = []
+            for name, value in row.items():
+                part = headers.get(str(name).lower())
+                parts.append((str(name), value, part.get("content-type", "") if isinstance(part, dict) else ""))
+            return decode_multipart(parts, self.image_decoder)
+        return decode_request(request_body(row), self._content_type(idx, row), self.image_decoder)
+
     # -- the three steps ---------------------------------------------------------------------
     def preprocess(self, data: list[dict]) -> list[Decoded]:
         """Decode and check each request on its own: a bad one becomes its RequestError."""
@@ -69,7 +86,7 @@ class EmbeddingHandler(BaseHandler):
                 decoded.append(None)
                 continue
             try:
-                request = decode_request(request_body(row or {}), self._content_type(idx, row or {}))
+                request = self._decode(idx, row or {})
                 check_request_limits(request, s.max_images_per_request, s.max_batch_pixels)
                 decoded.append(request)
             except RequestError as exc:
@@ -122,14 +139,31 @@ class EmbeddingHandler(BaseHandler):
         results = self.inference(decoded)
         forward_ms = (time.perf_counter() - forward_start) * 1000
         out = self.postprocess(results, decoded)
-        self._record_metrics(decoded, forward_ms, (time.perf_counter() - start) * 1000)
+        self._record_metrics(decoded, forward_ms, (time.perf_counter() - start) * 1000, results)
         return out
 
-    def _record_metrics(self, decoded: list[Decoded], forward_ms: float, total_ms: float) -> None:
+    def _record_metrics(self, decoded: list[Decoded], forward_ms: float, total_ms: float,
+                        results: Optional[list] = None) -> None:
+        """Per TorchServe batch: images embedded and requests refused (counters), images per request,
+        requests per batch, forward and handler-overhead times (gauges). Prometheus shows them when
+        model_metrics_auto_detect=true (config.properties)."""
         metrics = getattr(self.context, "metrics", None)
         if metrics is None:
             return
         try:
+            from ts.metrics.metric_type_enum import MetricTypes
+
+            results = results if results is not None else list(decoded)
+            served = [d.count for d, r in zip(decoded, results) if isinstance(d, DecodedRequest) and isinstance(r, np.ndarray)]
+            refused = sum(isinstance(r, RequestError) for r in results)
             metrics.add_time("HandlerTime", round(total_ms, 2), None, "ms")
+            metrics.add_counter("ImagesEmbedded", sum(served), None)
+            metrics.add_counter("RequestsRefused", refused, None)
+            gauge = MetricTypes.GAUGE
+            if served:
+                metrics.add_metric("ImagesPerRequest", sum(served) / len(served), "count", None, [], gauge)
+            metrics.add_metric("RequestsPerBatch", len(decoded), "count", None, [], gauge)
+            metrics.add_metric("ForwardTime", round(forward_ms, 3), "ms", None, [], gauge)
+            metrics.add_metric("HandlerOverhead", round(max(0.0, total_ms - forward_ms), 3), "ms", None, [], gauge)
         except Exception:  # metrics must never fail a request
             logger.debug("recording metrics failed", exc_info=True)

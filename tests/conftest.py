@@ -74,3 +74,15 @@ def torchserve(model_store, example_archive):
     server.start()
     yield server
     server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def feature_torchserve(example_files, tmp_path_factory):
+    """One real TorchServe for the issue-5 tests (images, multi, chlast; see feature_server.py)."""
+    if not java_available():
+        pytest.fail("TorchServe needs Java 17 (apt-get install -y openjdk-17-jre-headless)")
+    from feature_server import start_feature_server
+
+    server = start_feature_server(example_files, str(tmp_path_factory.mktemp("feature_store")))
+    yield server
+    server.cleanup()

@@ -3,11 +3,14 @@
 Accepted bodies:
 - .npy bytes (application/x-npy or application/octet-stream): one image (C,H,W) or a batch (N,C,H,W);
 - JSON `{"data": nested list}`, KServe v1 `{"instances": [...]}`, KServe v2 `{"inputs": [...]}`;
-- encoded images (PNG/JPEG), when an image decoder is plugged in (see `image_decoding`).
+- encoded images (PNG/JPEG), when an image decoder is plugged in (see `image_decoding`): one as the
+  body, several as multipart/form-data (one part each) or JSON `{"images": ["<base64>", ...]}`.
 Values become float32 later, unscaled unless the settings ask for scale/mean/std.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 from dataclasses import dataclass, field
@@ -151,6 +154,8 @@ def decode_request(
     content_type = (content_type or "").split(";")[0].strip().lower()
     if body is None or (isinstance(body, (bytes, bytearray, str)) and len(body) == 0):
         raise bad_request("request body is empty; send .npy bytes or a JSON body", "EmptyBody")
+    if isinstance(body, dict) and "images" in body:
+        return decode_base64_images(body["images"], image_decoder)
     if isinstance(body, (dict, list)):
         return decode_json(body)
     if isinstance(body, str):
@@ -167,12 +172,73 @@ def decode_request(
         read_npy(body)  # raises the precise reason
     first = bytes(body[:64]).lstrip()[:1]
     if content_type.endswith("json") or first in (b"{", b"["):
-        return decode_json(_parse_json_bytes(body))
+        payload = _parse_json_bytes(body)
+        if isinstance(payload, dict) and "images" in payload:
+            return decode_base64_images(payload["images"], image_decoder)
+        return decode_json(payload)
     raise bad_request(
         f"cannot decode a body of {len(body)} bytes with Content-Type {content_type or 'unset'!r}: "
         "send .npy (application/x-npy) or JSON (application/json)",
         "UnsupportedMediaType",
     )
+
+
+def _no_image_decoder() -> RequestError:
+    return RequestError(415, "ImagesUnsupported", "this server does not decode images; send .npy or JSON arrays")
+
+
+def decode_base64_images(items: Any, image_decoder: Optional[ImageDecoder]) -> DecodedRequest:
+    """`{"images": ["<base64 PNG/JPEG>", ...]}` (a data: URL prefix is allowed): one image each, in order."""
+    if image_decoder is None:
+        raise _no_image_decoder()
+    if isinstance(items, str):
+        items = [items]
+    if not isinstance(items, list) or not items:
+        raise bad_request('"images" must be a non-empty list of base64-encoded PNG or JPEG strings', "InvalidJson")
+    images: list[np.ndarray] = []
+    for i, item in enumerate(items):
+        where = f"images[{i}]"
+        if not isinstance(item, str):
+            raise bad_request(f"{where} must be a base64 string, got {type(item).__name__}", "InvalidJson")
+        if item.startswith("data:") and "," in item:  # data:image/png;base64,....
+            item = item.split(",", 1)[1]
+        try:
+            data = base64.b64decode(item, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise bad_request(f"{where} is not valid base64: {exc}", "InvalidBase64") from exc
+        images.extend(_decode_image_part(data, "", where, image_decoder))
+    return DecodedRequest(images, "image")
+
+
+def _decode_image_part(data: Any, content_type: str, where: str, image_decoder: ImageDecoder) -> list[np.ndarray]:
+    try:
+        decoded = image_decoder(data, content_type) if len(data) else None
+    except RequestError as exc:
+        raise RequestError(exc.status, exc.kind, f"{where}: {exc.message}") from exc
+    if decoded is None:
+        raise bad_request(f"{where} ({len(data)} bytes) is not a PNG or JPEG image", "InvalidImage")
+    return [check_images(a, where) for a in decoded]
+
+
+def decode_multipart(parts: list[tuple[str, Any, str]], image_decoder: Optional[ImageDecoder]) -> DecodedRequest:
+    """multipart/form-data, one (name, value, content type) per part: each part one image or .npy array,
+    answered in part order. TorchServe keys parts by name, so parts need distinct names."""
+    if not parts:
+        raise bad_request("multipart body has no parts; send one part per image", "EmptyBody")
+    images: list[np.ndarray] = []
+    for name, value, content_type in parts:
+        where = f"part {name!r}"
+        if isinstance(value, str):
+            value = value.encode("utf-8")
+        if not isinstance(value, (bytes, bytearray)) or not value:
+            raise bad_request(f"{where} is empty or not a file; send one PNG, JPEG or .npy file per part", "InvalidPart")
+        if bytes(value[:6]) == NPY_MAGIC:
+            images.append(check_images(read_npy(value), where))
+        elif image_decoder is None:
+            raise _no_image_decoder()
+        else:
+            images.extend(_decode_image_part(value, content_type, where, image_decoder))
+    return DecodedRequest(images, "image")
 
 
 def check_request_limits(request: DecodedRequest, max_images: int, max_batch_pixels: int) -> None:
