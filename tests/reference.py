@@ -32,8 +32,10 @@ def reference_embeddings(model: torch.nn.Module, layer: str, images: np.ndarray,
     handles = []
     for name in layers:
         module = model.get_submodule(name)
-        handles.append(module.register_forward_hook(
-            lambda m, i, o, name=name: captured.setdefault(name, (o[0] if isinstance(o, tuple) else o).detach().clone())))
+        def hook(m, i, o, name=name) -> None:  # must return None: a returned tensor replaces the output
+            captured.setdefault(name, (o[0] if isinstance(o, tuple) else o).detach().clone())
+
+        handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
             x = torch.as_tensor(np.asarray(images, dtype=np.float32))
