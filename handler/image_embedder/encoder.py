@@ -77,7 +77,12 @@ class ImageEncoder:
         self._std = self._channel_vector(settings.std)
         self.embedding_dim: Optional[int] = None
         if settings.input_shape:
-            self.embedding_dim = int(self.embed(np.zeros((1, *settings.input_shape), np.float32)).shape[1])
+            try:
+                self.embedding_dim = int(self.embed(np.zeros((1, *settings.input_shape), np.float32)).shape[1])
+            except Exception as exc:  # the model refuses this shape: say so at build/load, not as a traceback
+                raise ConfigError(
+                    f"one forward pass on input_shape {list(settings.input_shape)} failed: {type(exc).__name__}: {exc}"
+                ) from exc
 
     def _channel_vector(self, values: Optional[Sequence[float]]) -> Optional[torch.Tensor]:
         if values is None:
