@@ -158,15 +158,21 @@ def build_archive(
         config_path = os.path.join(work, "model-config.yaml")
         with open(config_path, "w") as f:
             yaml.safe_dump(config, f, sort_keys=False)
-        generate_model_archive(ModelArchiverConfig(
-            model_name=name,
-            handler=HANDLER_FILE,
-            version="1.0",
-            extra_files=",".join([*user_files, package_root]),
-            export_path=export_path,
-            force=True,
-            config_file=config_path,
-        ))
+        # The archiver stages files in <gettempdir()>/<name> and deletes it afterwards: two builds of
+        # the same name at once (parallel test runs, serve.sh) would delete each other's files.
+        shared_tmp, tempfile.tempdir = tempfile.tempdir, work
+        try:
+            generate_model_archive(ModelArchiverConfig(
+                model_name=name,
+                handler=HANDLER_FILE,
+                version="1.0",
+                extra_files=",".join([*user_files, package_root]),
+                export_path=export_path,
+                force=True,
+                config_file=config_path,
+            ))
+        finally:
+            tempfile.tempdir = shared_tmp
     path = os.path.join(export_path, f"{name}.mar")
     say(f"wrote {path}")
     return path

@@ -191,3 +191,17 @@ def test_cli_as_a_script(user_files, tmp_path):
     bad = subprocess.run([sys.executable, SCRIPT, *full_cli(user_files, tmp_path / "bad"), "--layer", "nope"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "'nope'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_build_leaves_another_builds_staging_folder_alone(user_files, tmp_path, monkeypatch):
+    """torch-model-archiver stages in <tmp>/<name> and deletes it: parallel builds of one name must not collide."""
+    import tempfile
+
+    shared = tmp_path / "shared_tmp"
+    other_build = shared / "nested"  # what a concurrent build of the same name would be using right now
+    other_build.mkdir(parents=True)
+    (other_build / "in_progress.py").write_text("# another build's file\n")
+    monkeypatch.setattr(tempfile, "tempdir", str(shared))
+    assert main(full_cli(user_files, tmp_path / "store")) == 0
+    assert (other_build / "in_progress.py").is_file()
+    assert tempfile.gettempdir() == str(shared)
