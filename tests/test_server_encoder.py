@@ -1,0 +1,241 @@
+"""A real TorchServe: the example over HTTP in every protocol with token auth, and a server of our own
+(batchSize 8, maxBatchDelay 50 ms) for concurrency, a bad request inside a batch and worker scaling."""
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+import torch
+import yaml
+
+from build_mar import build_archive
+from conftest import MODELS_DIR, java_available, npy_bytes
+from reference import load_reference_model, reference_embeddings
+from ts_server import TorchServe
+
+pytestmark = pytest.mark.server
+TIMEOUT = 120
+NAME, LAYER, SIZE = "nested", "layer3.1.conv2", 16
+NPY = {"Content-Type": "application/x-npy"}
+
+
+def images(seed, n=None, size=SIZE):
+    shape = (3, size, size) if n is None else (n, 3, size, size)
+    return np.random.default_rng(seed).random(shape, dtype=np.float32)
+
+
+def embeddings_of(resp, key="embeddings"):
+    assert resp.status_code == 200, (resp.status_code, resp.text[:500])
+    assert resp.headers["Content-Type"].startswith("application/json")
+    return np.asarray(resp.json()[key], dtype=np.float32)
+
+
+# -- the example on the session server ----------------------------------------------------------------
+def test_example_over_http_every_protocol(torchserve, example_model):
+    url = f"{torchserve.inference_url}/predictions/encoder"
+    one, batch = images(1, size=224), images(2, 2, size=224)
+    ref_one, ref_batch = (reference_embeddings(example_model, "conv1", x) for x in (one, batch))
+    auth = torchserve.headers()
+
+    r = requests.post(url, data=npy_bytes(one), headers={**auth, **NPY}, timeout=TIMEOUT)
+    got = embeddings_of(r)
+    assert got.shape == (1, 10)
+    np.testing.assert_allclose(got, ref_one, atol=1e-5)
+    assert b" " not in r.content  # compact, not TorchServe's indent=2 dump
+
+    r = requests.post(url, data=npy_bytes(batch), headers={**auth, "Content-Type": "application/octet-stream"},
+                      timeout=TIMEOUT)
+    np.testing.assert_allclose(embeddings_of(r), ref_batch, atol=1e-5)
+
+    r = requests.post(url, json={"data": one.tolist()}, headers=auth, timeout=TIMEOUT)
+    np.testing.assert_allclose(embeddings_of(r), ref_one, atol=1e-5)
+
+    r = requests.post(url, json={"instances": batch.tolist()}, headers=auth, timeout=TIMEOUT)
+    np.testing.assert_allclose(embeddings_of(r, "predictions"), ref_batch, atol=1e-5)
+
+    v2 = {"id": "abc", "inputs": [{"name": "x", "shape": [2, 3, 224, 224], "datatype": "FP32",
+                                   "data": batch.ravel().tolist()}]}
+    r = requests.post(url, json=v2, headers=auth, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text[:500]
+    doc = r.json()
+    assert doc["model_name"] == "encoder" and doc["id"] == "abc"
+    [out] = doc["outputs"]
+    assert (out["name"], out["shape"], out["datatype"]) == ("embedding", [2, 10], "FP32")
+    np.testing.assert_allclose(np.reshape(out["data"], (2, 10)), ref_batch, atol=1e-5)
+
+    r = requests.post(url, data=npy_bytes(batch), headers={**auth, **NPY, "Accept": "application/x-npy"},
+                      timeout=TIMEOUT)
+    assert r.status_code == 200 and r.headers["Content-Type"] == "application/x-npy"
+    got = np.load(io.BytesIO(r.content), allow_pickle=False)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, ref_batch, atol=1e-5)
+
+
+def test_example_bad_request_gets_json_error(torchserve):
+    url = f"{torchserve.inference_url}/predictions/encoder"
+    r = requests.post(url, data=npy_bytes(np.zeros((224, 224), np.float32)), headers={**torchserve.headers(), **NPY},
+                      timeout=TIMEOUT)
+    assert r.status_code == 400 and r.headers["Content-Type"].startswith("application/json")
+    doc = r.json()
+    assert doc["code"] == 400 and doc["type"] == "InvalidShape" and "(224, 224)" in doc["message"]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer not-the-token"}])
+def test_inference_needs_the_token(torchserve, headers):
+    r = requests.post(f"{torchserve.inference_url}/predictions/encoder",
+                      data=npy_bytes(images(3, size=224)), headers={**headers, **NPY}, timeout=TIMEOUT)
+    assert r.status_code in (400, 401), r.status_code  # TorchServe 0.12 answers 400
+    assert "Token Authorization failed" in r.text and "embeddings" not in r.text
+    r = requests.get(f"{torchserve.management_url}/models/encoder", headers=headers, timeout=TIMEOUT)
+    assert r.status_code in (400, 401), r.status_code
+
+
+# -- our own server: batching, a bad request in a batch, scaling --------------------------------------
+@pytest.fixture(scope="module")
+def batching_server(tmp_path_factory):
+    if not java_available():
+        pytest.fail("TorchServe needs Java 17 (apt-get install -y openjdk-17-jre-headless)")
+    folder = tmp_path_factory.mktemp("batching")
+    store = tmp_path_factory.mktemp("batching_store")
+    model_file = str(folder / "nested_net.py")
+    shutil.copy(os.path.join(MODELS_DIR, "nested_net.py"), model_file)
+    weights = str(folder / "nested.pth")
+    subprocess.run([sys.executable, model_file, weights], check=True)
+    config = folder / "model-config.yaml"
+    config.write_text(yaml.safe_dump({"minWorkers": 1, "maxWorkers": 4, "batchSize": 8, "maxBatchDelay": 50,
+                                      "responseTimeout": 120}))
+    build_archive(model_file, "NestedNet", weights, LAYER, model_kwargs={"log_batches": True},
+                  config_file=str(config), name=NAME, export_path=str(store), quiet=True)
+    server = TorchServe(str(store), f"{NAME}={NAME}.mar")
+    try:
+        server.start(timeout=240)
+        server.wait_for_workers(NAME, 1, timeout=240)
+        reference = load_reference_model(model_file, "NestedNet", weights)
+        yield server, reference
+    finally:
+        server.cleanup()
+
+
+def post(server, array, session=None):
+    return (session or requests).post(f"{server.inference_url}/predictions/{NAME}", data=npy_bytes(array),
+                                      headers={**server.headers(), **NPY}, timeout=TIMEOUT)
+
+
+def forward_batches(server):
+    """Batch sizes of the model's forward passes, from the worker log (NestedNet prints them)."""
+    path = os.path.join(server.workdir, "logs", "model_log.log")
+    try:
+        with open(path, errors="replace") as f:
+            return [int(n) for n in re.findall(r"NESTEDNET_FORWARD_BATCH=(\d+)", f.read())]
+    except OSError:
+        return []
+
+
+def test_32_concurrent_requests_each_get_their_own_embedding(batching_server):
+    server, reference = batching_server
+    inputs = [images(1000 + i) for i in range(32)]
+    expected = reference_embeddings(reference, LAYER, np.stack(inputs))
+    before = len(forward_batches(server))
+    start = threading.Barrier(32)
+
+    def send(i):
+        start.wait()
+        return post(server, inputs[i])
+
+    with ThreadPoolExecutor(32) as pool:
+        responses = list(pool.map(send, range(32)))
+    for i, resp in enumerate(responses):
+        got = embeddings_of(resp)
+        assert got.shape == (1, 6)
+        np.testing.assert_allclose(got[0], expected[i], atol=1e-5, err_msg=f"request {i}")
+    deadline = time.time() + 30  # the worker log is written asynchronously
+    while sum(forward_batches(server)[before:]) < 32 and time.time() < deadline:
+        time.sleep(0.5)
+    batches = forward_batches(server)[before:]
+    assert sum(batches) == 32, batches
+    assert max(batches) <= 8, batches  # batchSize 8 caps each TorchServe batch
+    assert max(batches) > 1, f"TorchServe never batched requests together: {batches}"
+
+
+def test_one_bad_request_among_good_ones(batching_server):
+    server, reference = batching_server
+    good = [images(2000 + i) for i in range(7)]
+    expected = reference_embeddings(reference, LAYER, np.stack(good))
+    bad = np.zeros((3, SIZE, SIZE), np.float32)
+    bad[0, 0, 0] = np.nan
+    bodies = good[:3] + [bad] + good[3:]
+    start = threading.Barrier(len(bodies))
+
+    def send(array):
+        start.wait()
+        return post(server, array)
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(send, bodies))
+    refused = responses.pop(3)
+    assert refused.status_code == 400 and refused.headers["Content-Type"].startswith("application/json")
+    assert refused.json() == {"code": 400, "type": "NonFiniteValues", "message": refused.json()["message"]}
+    assert "NaN" in refused.json()["message"]
+    for i, resp in enumerate(responses):
+        np.testing.assert_allclose(embeddings_of(resp)[0], expected[i], atol=1e-5)
+
+
+def _scale(server, workers):
+    r = requests.put(f"{server.management_url}/models/{NAME}?min_worker={workers}&max_worker={workers}"
+                     "&synchronous=true", headers=server.headers("management"), timeout=300)
+    assert r.status_code == 200, r.text
+    return r
+
+
+def test_scaling_workers_while_requests_run(batching_server):
+    server, reference = batching_server
+    inputs = [images(3000 + i) for i in range(16)]
+    expected = reference_embeddings(reference, LAYER, np.stack(inputs))
+    stop = threading.Event()
+    failures, answered = [], []
+
+    def client(offset):
+        session = requests.Session()
+        i = offset
+        while not stop.is_set():
+            k = i % len(inputs)
+            try:
+                resp = post(server, inputs[k], session)
+                got = embeddings_of(resp)[0]
+                if not np.allclose(got, expected[k], atol=1e-5):
+                    failures.append(f"request {k}: wrong embedding")
+            except Exception as exc:  # noqa: BLE001 - every failure is collected and reported
+                failures.append(f"request {k}: {exc!r}"[:300])
+            answered.append(k)
+            i += 1
+
+    threads = [threading.Thread(target=client, args=(n * 5,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1)
+        _scale(server, 2)
+        workers = requests.get(f"{server.management_url}/models/{NAME}", headers=server.headers("management"),
+                               timeout=TIMEOUT).json()[0]["workers"]
+        assert len(workers) == 2, workers
+        during_up = len(answered)
+        _scale(server, 1)
+        time.sleep(1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=TIMEOUT)
+    assert not failures, failures[:10]
+    assert during_up > 0 and len(answered) > during_up, "requests did not run across the scaling"
+    workers = requests.get(f"{server.management_url}/models/{NAME}", headers=server.headers("management"),
+                           timeout=TIMEOUT).json()[0]["workers"]
+    assert len(workers) == 1, workers
