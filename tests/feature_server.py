@@ -84,8 +84,7 @@ def build_feature_archives(example_files: dict, store: str) -> dict:
 def start_feature_server(example_files: dict, store: str) -> TorchServe:
     """A started TorchServe serving images, multi and chlast, with its `chlast` files attached."""
     chlast = build_feature_archives(example_files, store)
-    server = TorchServe(store, "images=images.mar,multi=multi.mar,chlast=chlast.mar",
-                        overrides={"model_metrics_auto_detect": "true"})
+    server = TorchServe(store, "images=images.mar,multi=multi.mar,chlast=chlast.mar")  # shipped config.properties
     server.chlast = chlast  # type: ignore[attr-defined]
     try:
         server.start(timeout=240)
