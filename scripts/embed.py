@@ -172,7 +172,9 @@ class Embedder:
         message = response.text[:500]
         for i, item in reversed(list(enumerate(batch))):  # "part 'i3'" -> the file's name
             message = message.replace(f"'i{i}'", f"'i{i}' ({item.name})")
-        hint = " (check --token / --key-file)" if response.status_code in (401, 403) else ""
+        # TorchServe 0.12 answers a wrong token with 400 InvalidKeyException
+        auth = response.status_code in (401, 403) or "InvalidKeyException" in message
+        hint = " (the token was refused: check --token / --key-file)" if auth else ""
         return f"HTTP {response.status_code} for a batch starting at {batch[0].name!r}{hint}: {message}"
 
 

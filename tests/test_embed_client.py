@@ -1,0 +1,152 @@
+"""scripts/embed.py end to end against a real TorchServe: a folder of images and .npy files and one
+large .npy, batched and concurrent, names in order, a stopped run resumed, retries on 503/507."""
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import embed
+from reference import load_reference_model, reference_embeddings
+from ts_server import REPO
+
+SCRIPT = os.path.join(REPO, "scripts", "embed.py")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=300)
+
+
+def token_file(server, folder):
+    path = os.path.join(folder, "key_file.json")
+    with open(path, "w") as f:
+        json.dump({"inference": {"key": server.keys["inference"]}}, f)
+    return path
+
+
+@pytest.mark.server
+def test_folder_of_images_and_npy_in_order(feature_torchserve, tmp_path, example_model):
+    """PNG/JPEG files and .npy files in nested folders, sent to the `images` model (resize/crop/normalize)."""
+    rng = np.random.default_rng(50)
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    expected = {}
+    for i in range(5):
+        pixels = rng.integers(0, 256, (240 + 8 * i, 256, 3)).astype(np.uint8)
+        name = f"sub/img{i}.png" if i % 2 else f"img{i}.jpg"
+        Image.fromarray(pixels).save(tmp_path / "in" / name, "PNG" if i % 2 else "JPEG")
+    arrays = rng.integers(0, 256, (2, 3, 224, 224)).astype(np.uint8)
+    np.save(tmp_path / "in" / "pair.npy", arrays)  # a batch file: two items, pair.npy[0] and [1]
+    out = run_cli(str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--url", feature_torchserve.inference_url,
+                  "--model", "images", "--key-file", token_file(feature_torchserve, str(tmp_path)),
+                  "--batch-size", "3", "--concurrency", "2")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["items"] == 7 and summary["embedded"] == 7 and summary["complete"] and summary["dim"] == 10
+    assert "img/s" in out.stderr  # the tqdm bar
+    names = (tmp_path / "out" / "names.txt").read_text().splitlines()
+    assert names == ["img0.jpg", "img2.jpg", "img4.jpg", "pair.npy[0]", "pair.npy[1]",
+                     os.path.join("sub", "img1.png"), os.path.join("sub", "img3.png")]
+    got = np.load(tmp_path / "out" / "embeddings.npy")
+    assert got.shape == (7, 10) and got.dtype == np.float32
+    assert not (tmp_path / "out" / "checkpoint").exists()
+    # .npy arrays get the archive's scale/mean/std (no resize/crop: they are already 224x224)
+    from feature_server import IMAGE_SETTINGS
+    normalized = (arrays / 255.0 - np.array(IMAGE_SETTINGS["mean"])[:, None, None]) / np.array(IMAGE_SETTINGS["std"])[:, None, None]
+    np.testing.assert_allclose(got[3:5], reference_embeddings(example_model, "conv1", normalized.astype(np.float32)),
+                               atol=1e-5)
+    # each image's row equals the server's answer for that file alone, so order and batching hold
+    client = embed.Embedder(feature_torchserve.inference_url, "images", feature_torchserve.keys["inference"])
+    for row, name in enumerate(names):
+        if name.endswith((".png", ".jpg")):
+            alone = client.embed([embed.Item(name, str(tmp_path / "in" / name))])
+            np.testing.assert_allclose(got[row], alone[0], atol=1e-5)
+
+
+@pytest.mark.server
+def test_large_npy_stopped_and_resumed(feature_torchserve, tmp_path):
+    """One (N, C, H, W) .npy: a run stopped after 2 batches leaves shards; the rerun sends only the rest."""
+    files = feature_torchserve.chlast
+    model = load_reference_model(files["model_file"], files["class"], files["state_dict"], files["kwargs"])
+    images = np.random.default_rng(51).normal(size=(23, 3, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "big.npy", images)
+    args = [str(tmp_path / "big.npy"), "--out", str(tmp_path / "out"), "--url", feature_torchserve.inference_url,
+            "--model", "chlast", "--token", feature_torchserve.keys["inference"], "--batch-size", "4", "--quiet"]
+    first = run_cli(*args, "--max-batches", "2", "--concurrency", "1")
+    assert first.returncode == 0, first.stderr
+    summary = json.loads(first.stdout)
+    assert summary["embedded"] == 8 and not summary["complete"] and "resume" in first.stderr
+    assert sorted(os.listdir(tmp_path / "out" / "checkpoint")) == ["batch-0000000.npy", "batch-0000001.npy", "plan.json"]
+    assert not (tmp_path / "out" / "embeddings.npy").exists()
+
+    second = run_cli(*args, "--concurrency", "3")
+    assert second.returncode == 0, second.stderr
+    summary = json.loads(second.stdout)
+    assert summary["resumed"] == 8 and summary["embedded"] == 15 and summary["complete"]
+    got = np.load(tmp_path / "out" / "embeddings.npy")
+    np.testing.assert_allclose(got, reference_embeddings(model, "proj", images, "avg", channel_axis=-1), atol=1e-5)
+    names = (tmp_path / "out" / "names.txt").read_text().splitlines()
+    assert names == [f"big.npy[{i}]" for i in range(23)]
+
+    other = run_cli(str(tmp_path / "big.npy"), "--out", str(tmp_path / "out"), "--batch-size", "5", "--max-batches", "0",
+                    "--url", feature_torchserve.inference_url, "--model", "chlast", "--quiet")
+    assert other.returncode == 0  # the finished run removed its checkpoint: a new plan may start there
+
+
+@pytest.mark.server
+def test_wrong_token_is_a_clear_error(feature_torchserve, tmp_path):
+    np.save(tmp_path / "one.npy", np.zeros((3, 8, 8), np.float32))
+    out = run_cli(str(tmp_path / "one.npy"), "--out", str(tmp_path / "out"), "--url", feature_torchserve.inference_url,
+                  "--model", "chlast", "--token", "wrong", "--quiet")
+    assert out.returncode == 1 and "InvalidKeyException" in out.stderr and "token was refused" in out.stderr
+
+
+class _Flaky(BaseHTTPRequestHandler):
+    """Answers 503, then 507, then a (n, 2) .npy of the batch size; records what it saw."""
+
+    answers = [503, 507]
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).seen.append((self.headers.get("Authorization"), body.count(b"\x93NUMPY")))
+        if type(self).answers:
+            self.send_response(type(self).answers.pop(0))
+            self.end_headers()
+            return
+        buf = io.BytesIO()
+        np.save(buf, np.full((body.count(b"\x93NUMPY"), 2), 7, np.float32))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-npy")
+        self.end_headers()
+        self.wfile.write(buf.getvalue())
+
+    def log_message(self, *args):
+        pass
+
+
+def test_retries_503_and_507_with_backoff(tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        np.save(tmp_path / "x.npy", np.zeros((3, 3, 4, 4), np.float32))
+        (tmp_path / "key_file.json").write_text(json.dumps({"inference": {"key": "k1"}}))
+        summary = embed.run([str(tmp_path / "x.npy")], str(tmp_path / "out"), url, "m",
+                            embed.read_token(None, str(tmp_path / "key_file.json")), batch_size=3,
+                            concurrency=1, backoff=0.01, quiet=True)
+        assert summary["retries"] == 2 and summary["complete"]
+        assert _Flaky.seen == [("Bearer k1", 3)] * 3  # the same batch of 3 parts, tried three times
+        np.testing.assert_array_equal(np.load(tmp_path / "out" / "embeddings.npy"), np.full((3, 2), 7, np.float32))
+        _Flaky.answers = [503] * 3
+        with pytest.raises(embed.ClientError, match="HTTP 503"):  # out of retries: a clear error
+            embed.run([str(tmp_path / "x.npy")], str(tmp_path / "out2"), url, "m", batch_size=3, retries=2,
+                      backoff=0.01, quiet=True)
+    finally:
+        server.shutdown()
+        server.server_close()
