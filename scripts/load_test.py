@@ -209,7 +209,7 @@ def summarize(records: list[Record], start: float, end: float, kill_at: Optional
 
 def run_scenario(server: TorchServe, model: str, inputs: list[ClientInputs], duration: float,
                  scale_at: Optional[float], kill_at: Optional[float], timeout: float = 120.0,
-                 tail: float = 0.0, log=print) -> dict:
+                 tail: float = 0.0, settle: float = 3.0, log=print) -> dict:
     """Load for `duration` s; scale 1->3->1 from `scale_at`, SIGKILL a worker at `kill_at` (s from start).
 
     Events run in that order even when one runs late; the load goes on at least `tail` s after the
@@ -229,9 +229,11 @@ def run_scenario(server: TorchServe, model: str, inputs: list[ClientInputs], dur
             events["scale_up_s"] = round(scale(server, model, 3), 2)
             log(f"scaled to 3 workers in {events['scale_up_s']} s")
             time.sleep(1.0)
+            events["scale_down"] = time.monotonic()
             events["scale_down_s"] = round(scale(server, model, 1), 2)
             events["scale_end"] = time.monotonic()
             log(f"scaled back to 1 worker in {events['scale_down_s']} s")
+            time.sleep(settle)  # a gap, so a failure is told apart: scaling's or the kill's
         if kill_at is not None:
             wait_until(kill_at)
             pid, events["kill"] = kill_worker(server, model)
