@@ -71,7 +71,8 @@ class LayerTap:
         """Run `forward` (default: the model) on `batch`; the tapped outputs, in layer order."""
         self._captured = {}
         try:
-            (forward or self.model)(batch)
+            # `is None`, not `or`: a compiled module's truth value calls len(), which it refuses.
+            (self.model if forward is None else forward)(batch)
         except _TapsFilled:
             pass
         captured, self._captured = self._captured, {}

@@ -1,0 +1,46 @@
+"""The benchmark runs end to end (`bench.py --quick`) and prints its ratios; nothing about speed is asserted.
+
+A benchmark is not a timed test: this only proves the script still works against the real
+TorchServe (archives build, the no-op floor and our archive answer, answers match in-process
+embeddings, the report and its JSON are written) and that it cleans up after itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import java_available
+from ts_server import REPO
+
+pytestmark = pytest.mark.server
+
+
+def test_bench_quick_runs_and_reports_ratios(tmp_path):
+    if not java_available():
+        pytest.fail("the benchmark needs Java 17 for TorchServe")
+    out_json = tmp_path / "bench.json"
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench.py"), "--quick", "--json", str(out_json)],
+                          capture_output=True, text=True, timeout=420, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    # every served row carries a ratio to a raw row of the same run
+    served = [line for line in out.splitlines() if re.match(r"^example\s+served\s", line)]
+    assert len(served) >= 3, out
+    assert all(re.search(r"\d+\.\d\dx b(1|16|32)\b", line) for line in served), served
+    assert re.search(r"^floor\s+floor\s", out, re.M), out
+    assert "early exit / full forward" in out
+    results = json.loads(out_json.read_text())
+    assert not results["errors"], results["errors"]
+    assert {r["kind"] for r in results["rows"]} >= {"raw", "floor", "served"}
+    assert all(r["ratio_to_raw"] > 0 for r in results["rows"] if r["kind"] == "served")
+    # served embeddings equal the in-process ones for the same payload
+    assert results["checks"] and all(v is not None and v <= 1e-5 for v in results["checks"].values()), results["checks"]
+    assert results["breakdown"]["example"]["zero_copy_npy"] == 1.0
+    # the bench's own TorchServe is gone (its temporary directories are removed)
+    assert not [d for d in os.listdir(tmp_path) if d.startswith(("bench-", "ts-test-"))]
