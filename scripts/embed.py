@@ -5,7 +5,8 @@
     python scripts/embed.py images.npy --model encoder --out out/ --batch-size 32 --concurrency 4
 
 Items are sent in batches (multipart/form-data, one part per image) by several threads at once,
-with a progress bar in images/s. 503 (busy) and 507 (out of memory) answers and dropped
+with a progress bar in images/s. 503 (busy), 507 (out of memory) and 500 "Worker died" (a batch
+lost with its worker, see pytorch/serve#1101) answers and dropped
 connections are retried with exponential backoff. Every finished batch is written to a
 checkpoint shard, so running the same command again after a crash or Ctrl-C resumes where it
 stopped. At the end: out/embeddings.npy (N, D) float32 and out/names.txt (one name per line, same
@@ -32,6 +33,9 @@ import requests
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 RETRY_STATUSES = (503, 507)
+# TorchServe 0.12 kills a worker's in-flight batch when workers are scaled down or a worker dies
+# (pytorch/serve#1101); embedding is idempotent, so those 500s are safe to send again.
+RETRY_MESSAGES = ("Worker died", "Worker scaled down")
 CHECKPOINT = "checkpoint"
 
 
@@ -151,11 +155,18 @@ class Embedder:
                 continue
             if response.status_code == 200:
                 return self._parse(response, len(batch))
-            if response.status_code in RETRY_STATUSES and attempt < self.retries:
+            if self._retriable(response) and attempt < self.retries:
                 self._wait(attempt, response)
                 continue
             raise ClientError(self._explain(response, batch))
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _retriable(response: requests.Response) -> bool:
+        """Busy or out of memory, or a batch lost with its worker: worth sending again."""
+        if response.status_code in RETRY_STATUSES:
+            return True
+        return response.status_code == 500 and any(m in response.text for m in RETRY_MESSAGES)
 
     @staticmethod
     def _parse(response: requests.Response, count: int) -> np.ndarray:
@@ -313,7 +324,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="images per request")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
     parser.add_argument("--format", choices=("npy", "parquet"), default="npy")
-    parser.add_argument("--retries", type=int, default=6, help="tries after a 503/507 or a dropped connection")
+    parser.add_argument("--retries", type=int, default=6, help="tries after a 503/507, a lost worker (500 Worker died) or a dropped connection")
     parser.add_argument("--backoff", type=float, default=0.5, help="first retry delay in seconds (doubles)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     parser.add_argument("--restart", action="store_true", help="drop an existing checkpoint and start over")

@@ -35,7 +35,6 @@ def test_folder_of_images_and_npy_in_order(feature_torchserve, tmp_path, example
     """PNG/JPEG files and .npy files in nested folders, sent to the `images` model (resize/crop/normalize)."""
     rng = np.random.default_rng(50)
     (tmp_path / "in" / "sub").mkdir(parents=True)
-    expected = {}
     for i in range(5):
         pixels = rng.integers(0, 256, (240 + 8 * i, 256, 3)).astype(np.uint8)
         name = f"sub/img{i}.png" if i % 2 else f"img{i}.jpg"
@@ -107,17 +106,21 @@ def test_wrong_token_is_a_clear_error(feature_torchserve, tmp_path):
 
 
 class _Flaky(BaseHTTPRequestHandler):
-    """Answers 503, then 507, then a (n, 2) .npy of the batch size; records what it saw."""
+    """Answers each queued status (with an optional body), then a (n, 2) .npy of the batch size;
+    records what it saw."""
 
-    answers = [503, 507]
+    answers: list = [503, (500, b'{"code": 500, "type": "InternalServerException", "message": "Worker died."}'), 507]
     seen: list = []
 
     def do_POST(self):  # noqa: N802
         body = self.rfile.read(int(self.headers["Content-Length"]))
         type(self).seen.append((self.headers.get("Authorization"), body.count(b"\x93NUMPY")))
         if type(self).answers:
-            self.send_response(type(self).answers.pop(0))
+            status, text = (lambda a: a if isinstance(a, tuple) else (a, b""))(type(self).answers.pop(0))
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(text)))
             self.end_headers()
+            self.wfile.write(text)
             return
         buf = io.BytesIO()
         np.save(buf, np.full((body.count(b"\x93NUMPY"), 2), 7, np.float32))
@@ -130,7 +133,7 @@ class _Flaky(BaseHTTPRequestHandler):
         pass
 
 
-def test_retries_503_and_507_with_backoff(tmp_path):
+def test_retries_503_507_and_lost_worker_with_backoff(tmp_path):
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}"
@@ -140,12 +143,16 @@ def test_retries_503_and_507_with_backoff(tmp_path):
         summary = embed.run([str(tmp_path / "x.npy")], str(tmp_path / "out"), url, "m",
                             embed.read_token(None, str(tmp_path / "key_file.json")), batch_size=3,
                             concurrency=1, backoff=0.01, quiet=True)
-        assert summary["retries"] == 2 and summary["complete"]
-        assert _Flaky.seen == [("Bearer k1", 3)] * 3  # the same batch of 3 parts, tried three times
+        assert summary["retries"] == 3 and summary["complete"]
+        assert _Flaky.seen == [("Bearer k1", 3)] * 4  # the same batch of 3 parts, tried four times
         np.testing.assert_array_equal(np.load(tmp_path / "out" / "embeddings.npy"), np.full((3, 2), 7, np.float32))
         _Flaky.answers = [503] * 3
         with pytest.raises(embed.ClientError, match="HTTP 503"):  # out of retries: a clear error
             embed.run([str(tmp_path / "x.npy")], str(tmp_path / "out2"), url, "m", batch_size=3, retries=2,
+                      backoff=0.01, quiet=True)
+        _Flaky.answers = [(500, b'{"code": 500, "type": "InternalError", "message": "decoding failed"}')]
+        with pytest.raises(embed.ClientError, match="HTTP 500"):  # a real server error is not retried
+            embed.run([str(tmp_path / "x.npy")], str(tmp_path / "out3"), url, "m", batch_size=3, retries=2,
                       backoff=0.01, quiet=True)
     finally:
         server.shutdown()

