@@ -15,7 +15,8 @@ def test_defaults_follow_the_original_encoder():
     s = settings()
     assert s.layer_name == "features" and s.layer_names == ("features",)
     assert s.pooling == "avg"
-    assert s.default_batch_size == 32
+    assert s.default_batch_size is None  # the original's 32 on a GPU, 8 on a CPU
+    assert (s.pass_size("cuda"), s.pass_size("cpu")) == (32, 8)
     assert dict(s.model_init_kwargs) == {}
     assert s.model_state_dict_path is None
     assert s.device is None

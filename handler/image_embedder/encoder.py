@@ -57,6 +57,7 @@ class ImageEncoder:
     def __init__(self, settings: EncoderSettings, model_dir: str = ".", device: Optional[torch.device] = None) -> None:
         self.settings = settings
         self.device = device if device is not None else resolve_device(settings.device)
+        self.pass_size = settings.pass_size(self.device.type)
         if settings.num_threads:
             torch.set_num_threads(settings.num_threads)
         weights = settings.model_state_dict_path
@@ -148,7 +149,7 @@ class ImageEncoder:
     def rows_per_pass(self, image_shape: Sequence[int]) -> int:
         """How many images of this shape one forward pass may hold (default_batch_size, max_batch_pixels)."""
         per_image = max(1, math.prod(image_shape))
-        return max(1, min(self.settings.default_batch_size, self.settings.max_batch_pixels // per_image))
+        return max(1, min(self.pass_size, self.settings.max_batch_pixels // per_image))
 
     def embed_prepared(self, batch: torch.Tensor) -> np.ndarray:
         """Embeddings of a prepared batch of any size, in forward passes of at most rows_per_pass images."""
@@ -216,5 +217,5 @@ class ImageEncoder:
             "embedding_dim": self.embedding_dim,
             "input_shape": list(s.input_shape) if s.input_shape else None,
             "dtype": s.dtype,
-            "default_batch_size": s.default_batch_size,
+            "default_batch_size": self.pass_size,
         }
