@@ -19,19 +19,10 @@ from typing import Optional, Sequence
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "handler"))
 
+from cli_args import parse_kwargs, parse_shape  # noqa: E402
 from image_embedder.errors import ConfigError  # noqa: E402
 from image_embedder.layer_table import format_table, layer_table  # noqa: E402
 from image_embedder.loading import load_model  # noqa: E402
-
-
-def parse_shape(text: str) -> list[int]:
-    try:
-        shape = [int(part) for part in text.split(",")]
-    except ValueError as exc:
-        raise ConfigError(f"--input-shape {text!r} must be integers separated by commas, e.g. 3,224,224") from exc
-    if not shape or any(d <= 0 for d in shape):
-        raise ConfigError(f"--input-shape {text!r} must hold positive integers")
-    return shape
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -45,14 +36,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     args = parser.parse_args(argv)
     try:
-        kwargs = json.loads(args.model_kwargs)
-        if not isinstance(kwargs, dict):
-            raise ConfigError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+        kwargs = parse_kwargs(args.model_kwargs)
         model = load_model(args.model_file, args.model_class, args.state_dict, kwargs, "cpu")
         rows = layer_table(model, parse_shape(args.input_shape), args.channel_axis)
-    except json.JSONDecodeError as exc:
-        print(f"error: --model-kwargs is not valid JSON: {exc}", file=sys.stderr)
-        return 2
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -43,7 +43,7 @@ def test_shipped_config_properties_is_safe():
         assert props[key] == "127.0.0.1", (key, props[key])
     patterns = [p.strip() for p in props["allowed_urls"].split(",")]
     assert patterns and all(p.startswith("file://") for p in patterns), patterns
-    assert int(props["max_request_size"]) == 128 * 1024 * 1024  # what docs/reliability.md states
+    assert int(props["max_request_size"]) == 128 * 1024 * 1024  # what the README states
     for key, value in props.items():
         assert "0.0.0.0" not in value and "[::]" not in value, (key, value)
 

@@ -26,7 +26,7 @@ from image_embedder.encoder import ImageEncoder
 from image_embedder.errors import ConfigError
 from image_embedder.settings import EncoderSettings
 from reference import reference_embeddings
-from ts_inprocess import InProcessModel, Request
+from ts_inprocess import InProcessModel
 from ts_server import REPO, TorchServe
 
 BUILD_MAR = os.path.join(REPO, "scripts", "build_mar.py")
