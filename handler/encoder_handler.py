@@ -11,9 +11,10 @@ from http import HTTPStatus
 from typing import Any, Optional, Union
 
 import numpy as np
+import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from image_embedder.encoder import ImageEncoder, resolve_device
+from image_embedder.encoder import ImageEncoder, resolve_device, threads_per_worker
 from image_embedder.errors import RequestError
 from image_embedder.image_decoding import ImageDecoder
 from image_embedder.request_decoding import (
@@ -34,14 +35,20 @@ class EmbeddingHandler(BaseHandler):
         self.context = context
         self.manifest = context.manifest
         properties = context.system_properties
-        settings = EncoderSettings.from_mapping((getattr(context, "model_yaml_config", None) or {}).get("handler"))
+        model_config = getattr(context, "model_yaml_config", None) or {}
+        settings = EncoderSettings.from_mapping(model_config.get("handler"))
         self.device = resolve_device(settings.device, properties.get("gpu_id"))
+        if settings.num_threads is None and self.device.type == "cpu":
+            # Each worker is its own process with torch's default of one thread per core: with
+            # maxWorkers of them, give each its share so the workers don't fight over the cores.
+            torch.set_num_threads(threads_per_worker(int(model_config.get("maxWorkers") or 1)))
         self.encoder = ImageEncoder(settings, properties.get("model_dir") or ".", self.device)
         self.model = self.encoder.model
         self.image_decoder = ImageDecoder.from_settings(settings)
         self.model_name = context.model_name
         self.initialized = True
-        logger.info("image encoder ready: %s", json.dumps(self.encoder.describe()))
+        logger.info("image encoder ready: %s; torch threads %d", json.dumps(self.encoder.describe()),
+                    torch.get_num_threads())
 
     # -- request headers -------------------------------------------------------------------
     def _headers(self, idx: int) -> dict[str, Any]:

@@ -98,6 +98,24 @@ def test_large_npy_stopped_and_resumed(feature_torchserve, tmp_path):
 
 
 @pytest.mark.server
+def test_parquet_output_names_and_embeddings(feature_torchserve, tmp_path):
+    """--format parquet: one row per image, columns name and embedding, same order and values as .npy."""
+    import pyarrow.parquet as pq  # pinned in requirements.txt
+    files = feature_torchserve.chlast
+    model = load_reference_model(files["model_file"], files["class"], files["state_dict"], files["kwargs"])
+    images = np.random.default_rng(52).normal(size=(5, 3, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "five.npy", images)
+    out = run_cli(str(tmp_path / "five.npy"), "--out", str(tmp_path / "out"), "--url", feature_torchserve.inference_url,
+                  "--model", "chlast", "--token", feature_torchserve.keys["inference"], "--batch-size", "2",
+                  "--format", "parquet", "--quiet")
+    assert out.returncode == 0, out.stderr
+    table = pq.read_table(tmp_path / "out" / "embeddings.parquet").to_pydict()
+    assert table["name"] == [f"five.npy[{i}]" for i in range(5)]
+    np.testing.assert_allclose(np.asarray(table["embedding"], np.float32),
+                               reference_embeddings(model, "proj", images, "avg", channel_axis=-1), atol=1e-5)
+
+
+@pytest.mark.server
 def test_wrong_token_is_a_clear_error(feature_torchserve, tmp_path):
     np.save(tmp_path / "one.npy", np.zeros((3, 8, 8), np.float32))
     out = run_cli(str(tmp_path / "one.npy"), "--out", str(tmp_path / "out"), "--url", feature_torchserve.inference_url,

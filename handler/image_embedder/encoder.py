@@ -51,6 +51,15 @@ def _shares(tensor: torch.Tensor, source: ArrayLike) -> bool:
     return tensor.device.type == "cpu"
 
 
+def threads_per_worker(workers: int) -> int:
+    """torch threads for one of `workers` CPU workers, so that workers x threads fits the cores."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, workers))
+
+
 class ImageEncoder:
     """Embeds image batches with the tapped layer of a user's model."""
 
