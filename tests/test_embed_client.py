@@ -67,15 +67,25 @@ def test_folder_of_images_and_npy_in_order(feature_torchserve, tmp_path, example
             np.testing.assert_allclose(got[row], alone[0], atol=1e-5)
 
 
+def chlast_npy(server, folder, name, count, seed):
+    """`count` random images saved as one .npy for the `chlast` model, and that model's reference."""
+    files = server.chlast
+    model = load_reference_model(files["model_file"], files["class"], files["state_dict"], files["kwargs"])
+    images = np.random.default_rng(seed).normal(size=(count, 3, 16, 16)).astype(np.float32)
+    np.save(folder / name, images)
+    return model, images
+
+
+def chlast_args(server, folder, name, *extra):
+    return [str(folder / name), "--out", str(folder / "out"), "--url", server.inference_url, "--model", "chlast",
+            "--token", server.keys["inference"], "--quiet", *extra]
+
+
 @pytest.mark.server
 def test_large_npy_stopped_and_resumed(feature_torchserve, tmp_path):
     """One (N, C, H, W) .npy: a run stopped after 2 batches leaves shards; the rerun sends only the rest."""
-    files = feature_torchserve.chlast
-    model = load_reference_model(files["model_file"], files["class"], files["state_dict"], files["kwargs"])
-    images = np.random.default_rng(51).normal(size=(23, 3, 16, 16)).astype(np.float32)
-    np.save(tmp_path / "big.npy", images)
-    args = [str(tmp_path / "big.npy"), "--out", str(tmp_path / "out"), "--url", feature_torchserve.inference_url,
-            "--model", "chlast", "--token", feature_torchserve.keys["inference"], "--batch-size", "4", "--quiet"]
+    model, images = chlast_npy(feature_torchserve, tmp_path, "big.npy", 23, seed=51)
+    args = chlast_args(feature_torchserve, tmp_path, "big.npy", "--batch-size", "4")
     first = run_cli(*args, "--max-batches", "2", "--concurrency", "1")
     assert first.returncode == 0, first.stderr
     summary = json.loads(first.stdout)
@@ -101,13 +111,8 @@ def test_large_npy_stopped_and_resumed(feature_torchserve, tmp_path):
 def test_parquet_output_names_and_embeddings(feature_torchserve, tmp_path):
     """--format parquet: one row per image, columns name and embedding, same order and values as .npy."""
     import pyarrow.parquet as pq  # pinned in requirements.txt
-    files = feature_torchserve.chlast
-    model = load_reference_model(files["model_file"], files["class"], files["state_dict"], files["kwargs"])
-    images = np.random.default_rng(52).normal(size=(5, 3, 16, 16)).astype(np.float32)
-    np.save(tmp_path / "five.npy", images)
-    out = run_cli(str(tmp_path / "five.npy"), "--out", str(tmp_path / "out"), "--url", feature_torchserve.inference_url,
-                  "--model", "chlast", "--token", feature_torchserve.keys["inference"], "--batch-size", "2",
-                  "--format", "parquet", "--quiet")
+    model, images = chlast_npy(feature_torchserve, tmp_path, "five.npy", 5, seed=52)
+    out = run_cli(*chlast_args(feature_torchserve, tmp_path, "five.npy", "--batch-size", "2", "--format", "parquet"))
     assert out.returncode == 0, out.stderr
     table = pq.read_table(tmp_path / "out" / "embeddings.parquet").to_pydict()
     assert table["name"] == [f"five.npy[{i}]" for i in range(5)]

@@ -127,3 +127,42 @@ def test_layer_that_never_runs_is_reported(batch):
     tap = LayerTap(Skips(), ["unused"])
     with pytest.raises(RuntimeError, match="unused"):
         tap(batch)
+
+
+def test_the_model_still_runs_whole_outside_the_tap(model, batch):
+    """The hooks stay registered, but a direct call of the model is an ordinary full forward pass."""
+    with torch.no_grad():
+        before = model(batch)
+    tap = LayerTap(model, ["layer3.0.conv2"], early_exit=True)
+    try:
+        tap(batch)
+        with torch.no_grad():
+            torch.testing.assert_close(model(batch), before, rtol=0, atol=0)
+    finally:
+        tap.remove()
+
+
+class _Forgiving(torch.nn.Module):
+    """A model whose forward swallows any Exception from its first block (and then would go on)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        self.second_ran = 0
+
+    def forward(self, x):
+        try:
+            x = self.first(x)
+        except Exception:  # noqa: BLE001 - the point of this model
+            pass
+        self.second_ran += 1
+        return self.second(x)
+
+
+def test_early_exit_is_not_swallowed_by_a_models_except_exception():
+    model = _Forgiving()
+    tap = LayerTap(model, ["first"], early_exit=True)
+    x = torch.randn(2, 4)
+    [out] = tap(x)
+    assert model.second_ran == 0
+    torch.testing.assert_close(out, model.first(x))

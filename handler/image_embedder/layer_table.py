@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .layer_tap import first_tensor
 from .pooling import pool
 
 TABLE_POOLINGS = ("avg", "max", "gem", "cls", "none")
@@ -24,14 +25,6 @@ class LayerRow:
     shape: Optional[tuple[int, ...]] = None
     sizes: dict[str, Optional[int]] = field(default_factory=dict)
     note: str = ""
-
-
-def _first_tensor(output: object) -> Optional[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    return None
 
 
 def embedding_sizes(output: torch.Tensor, channel_axis: int = 1) -> dict[str, Optional[int]]:
@@ -59,7 +52,7 @@ def layer_table(model: torch.nn.Module, input_shape: Sequence[int], channel_axis
             if row.shape is not None:  # called again (a shared module): the first call counts
                 row.note = "called more than once; first call shown"
                 return
-            tensor = _first_tensor(output)
+            tensor = first_tensor(output)
             if tensor is None:
                 row.note = f"returns {type(output).__name__}, not a tensor"
                 return

@@ -8,15 +8,16 @@ operation (a `ReLU(inplace=True)`) could otherwise change it.
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from .errors import ConfigError
 
 
-class _TapsFilled(Exception):
-    """Raised inside the forward pass once every tapped layer has fired."""
+class _TapsFilled(BaseException):
+    """Raised inside the forward pass once every tapped layer has fired. A BaseException, so a
+    model's own `except Exception:` around a submodule can't swallow it and run on."""
 
 
 def resolve_layer(model: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -34,12 +35,13 @@ def resolve_layer(model: torch.nn.Module, name: str) -> torch.nn.Module:
     )
 
 
-def _first_tensor(output: object) -> torch.Tensor:
+def first_tensor(output: object) -> Optional[torch.Tensor]:
+    """A module's output tensor: the output itself, or the first item of a tuple/list; else None."""
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise TypeError(f"tapped layer returned {type(output).__name__}, expected a tensor")
+    return None
 
 
 class LayerTap:
@@ -50,15 +52,18 @@ class LayerTap:
         self.layer_names = tuple(layer_names)
         self.early_exit = early_exit
         self._captured: dict[str, torch.Tensor] = {}
+        self._active = False  # hooks capture (and stop the pass) only inside __call__
         self._handles = [
             resolve_layer(model, name).register_forward_hook(self._hook_for(name)) for name in self.layer_names
         ]
 
     def _hook_for(self, name: str) -> Callable:
         def hook(module: torch.nn.Module, inputs: object, output: object) -> None:
-            if name in self._captured:  # a module called twice: its first output counts
+            if not self._active or name in self._captured:  # a module called twice: its first output counts
                 return
-            tensor = _first_tensor(output)
+            tensor = first_tensor(output)
+            if tensor is None:
+                raise TypeError(f"tapped layer {name!r} returned {type(output).__name__}, expected a tensor")
             last = len(self._captured) + 1 == len(self.layer_names)
             # Only the output that ends an early-exited pass is safe from later in-place ops.
             self._captured[name] = tensor if (self.early_exit and last) else tensor.clone()
@@ -70,11 +75,14 @@ class LayerTap:
     def __call__(self, batch: torch.Tensor, forward: Callable[[torch.Tensor], object] | None = None) -> list[torch.Tensor]:
         """Run `forward` (default: the model) on `batch`; the tapped outputs, in layer order."""
         self._captured = {}
+        self._active = True
         try:
             # `is None`, not `or`: a compiled module's truth value calls len(), which it refuses.
             (self.model if forward is None else forward)(batch)
         except _TapsFilled:
             pass
+        finally:
+            self._active = False
         captured, self._captured = self._captured, {}
         missing = [n for n in self.layer_names if n not in captured]
         if missing:
