@@ -57,8 +57,8 @@ class EmbeddingHandler(BaseHandler):
         except (AttributeError, IndexError, TypeError):
             return {}
 
-    def _content_type(self, idx: int, row: dict) -> str:
-        headers = self._headers(idx)
+    @staticmethod
+    def _content_type(headers: dict[str, Any], row: dict) -> str:
         for name in ("body", "data", *row.keys()):
             part = headers.get(str(name).lower())
             if isinstance(part, dict) and part.get("content-type"):
@@ -81,7 +81,7 @@ class EmbeddingHandler(BaseHandler):
                 part = headers.get(str(name).lower())
                 parts.append((str(name), value, part.get("content-type", "") if isinstance(part, dict) else ""))
             return decode_multipart(parts, self.image_decoder)
-        return decode_request(request_body(row), self._content_type(idx, row), self.image_decoder)
+        return decode_request(request_body(row), self._content_type(headers, row), self.image_decoder)
 
     # -- the three steps ---------------------------------------------------------------------
     def preprocess(self, data: list[dict]) -> list[Decoded]:
@@ -149,8 +149,7 @@ class EmbeddingHandler(BaseHandler):
         self._record_metrics(decoded, forward_ms, (time.perf_counter() - start) * 1000, results)
         return out
 
-    def _record_metrics(self, decoded: list[Decoded], forward_ms: float, total_ms: float,
-                        results: Optional[list] = None) -> None:
+    def _record_metrics(self, decoded: list[Decoded], forward_ms: float, total_ms: float, results: list) -> None:
         """Per TorchServe batch: images embedded and requests refused (counters), images per request,
         requests per batch, forward and handler-overhead times (gauges). Prometheus shows them when
         model_metrics_auto_detect=true (config.properties)."""
@@ -160,7 +159,6 @@ class EmbeddingHandler(BaseHandler):
         try:
             from ts.metrics.metric_type_enum import MetricTypes
 
-            results = results if results is not None else list(decoded)
             served = [d.count for d, r in zip(decoded, results) if isinstance(d, DecodedRequest) and isinstance(r, np.ndarray)]
             refused = sum(isinstance(r, RequestError) for r in results)
             metrics.add_time("HandlerTime", round(total_ms, 2), None, "ms")

@@ -118,9 +118,11 @@ def _from_kserve_v2(payload: dict) -> DecodedRequest:
     return DecodedRequest(images, "kserve_v2", payload.get("id"), {"input_names": [t.get("name") for t in inputs]})
 
 
-def decode_json(payload: Any) -> DecodedRequest:
-    """A decoded JSON body in one of the three accepted forms."""
+def decode_json(payload: Any, image_decoder: Optional[ImageDecoder] = None) -> DecodedRequest:
+    """A decoded JSON body: arrays in one of the three accepted forms, or base64 `images`."""
     if isinstance(payload, dict):
+        if "images" in payload:
+            return decode_base64_images(payload["images"], image_decoder)
         if "inputs" in payload:
             return _from_kserve_v2(payload)
         if "instances" in payload:
@@ -154,10 +156,8 @@ def decode_request(
     content_type = (content_type or "").split(";")[0].strip().lower()
     if body is None or (isinstance(body, (bytes, bytearray, str)) and len(body) == 0):
         raise bad_request("request body is empty; send .npy bytes or a JSON body", "EmptyBody")
-    if isinstance(body, dict) and "images" in body:
-        return decode_base64_images(body["images"], image_decoder)
     if isinstance(body, (dict, list)):
-        return decode_json(body)
+        return decode_json(body, image_decoder)
     if isinstance(body, str):
         body = body.encode("utf-8")
     if not isinstance(body, (bytes, bytearray)):
@@ -172,10 +172,7 @@ def decode_request(
         read_npy(body)  # raises the precise reason
     first = bytes(body[:64]).lstrip()[:1]
     if content_type.endswith("json") or first in (b"{", b"["):
-        payload = _parse_json_bytes(body)
-        if isinstance(payload, dict) and "images" in payload:
-            return decode_base64_images(payload["images"], image_decoder)
-        return decode_json(payload)
+        return decode_json(_parse_json_bytes(body), image_decoder)
     raise bad_request(
         f"cannot decode a body of {len(body)} bytes with Content-Type {content_type or 'unset'!r}: "
         "send .npy (application/x-npy) or JSON (application/json)",
