@@ -88,6 +88,7 @@ class EmbeddingHandler(BaseHandler):
         """Decode and check each request on its own: a bad one becomes its RequestError."""
         s = self.encoder.settings
         decoded: list[Decoded] = []
+        self.image_decoder.prefetch(data)  # this batch's PNG/JPEGs decode in parallel from here on
         for idx, row in enumerate(data):
             if str(self._header(idx, "describe")).lower() == "true":
                 decoded.append(None)

@@ -5,15 +5,23 @@ converts to RGB: decode, apply the EXIF orientation, convert to RGB or L, resize
 (bilinear), center-crop, then HWC -> CHW uint8. `scale`, `mean` and `std` are applied later, in
 float32, by the encoder (ImageEncoder._normalize), exactly as for arrays.
 
+Speed without changing the answer: nothing is converted to float here, no copy is made when
+there is nothing to turn or convert, and the images of a whole TorchServe batch are decoded by a
+thread pool (`prefetch`: Pillow releases the GIL while decoding and resizing). Two options trade
+exactness for speed (off by default; docs/performance.md gives their accuracy): `exact_resize:
+false` resizes only the window the crop keeps (Pillow's `box`), and `jpeg_draft` lets libjpeg
+decode at 1/2, 1/4 or 1/8 scale when the resize allows it (a 1920x1080 photo resized to 256
+needs a quarter of the DCT work).
+
 Pillow is imported only when an image arrives, so an archive that never sees one serves on a
 Python without Pillow.
 """
 from __future__ import annotations
 
 import io
-import warnings
-from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -23,6 +31,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 IMAGE_CONTENT_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/pjpeg": "JPEG"}
 FORMATS = ("PNG", "JPEG")
+EXIF_ORIENTATION = 0x0112
+SWAPS_AXES = (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees
 
 
 def sniff_format(body: bytes | bytearray) -> Optional[str]:
@@ -51,6 +61,11 @@ def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
     return max(1, int(shorter * width / height)), shorter
 
 
+def crop_offsets(width: int, height: int, size: int) -> tuple[int, int]:
+    """(left, top) of the central size x size window (torchvision's rounding)."""
+    return int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
+
+
 def center_crop(array: np.ndarray, size: int) -> np.ndarray:
     """The central size x size window of an HWC array, zero-padded first if the image is smaller."""
     height, width = array.shape[:2]
@@ -59,32 +74,73 @@ def center_crop(array: np.ndarray, size: int) -> np.ndarray:
         pads = [(pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2)] + [(0, 0)] * (array.ndim - 2)
         array = np.pad(array, pads)
         height, width = array.shape[:2]
-    top = int(round((height - size) / 2.0))
-    left = int(round((width - size) / 2.0))
+    left, top = crop_offsets(width, height, size)
     return array[top: top + size, left: left + size]
 
 
-@dataclass(frozen=True)
-class ImageDecoder:
-    """Callable `(body, content_type) -> [uint8 (1, C, H, W)] | None`: None when the body is no image."""
+def default_decode_threads() -> int:
+    """One decoding thread per core this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
-    mode: str = "RGB"
-    resize: Optional[int] = None
-    crop: Optional[int] = None
-    max_pixels: Optional[int] = None  # None: Pillow's own Image.MAX_IMAGE_PIXELS
+
+class ImageDecoder:
+    """Callable `(body, content_type) -> [uint8 (1, C, H, W)] | None`: None when the body is no image.
+
+    `max_pixels` None means Pillow's own Image.MAX_IMAGE_PIXELS; `threads` sizes the pool that
+    `prefetch` uses (1: everything in the caller's thread); `jpeg_draft` allows DCT scaling;
+    `exact_resize` False resizes only the window the crop keeps (same sampling positions, but
+    float rounding moves a few pixels by one grey level: docs/performance.md).
+    """
+
+    def __init__(self, mode: str = "RGB", resize: Optional[int] = None, crop: Optional[int] = None,
+                 max_pixels: Optional[int] = None, threads: int = 1, jpeg_draft: bool = False,
+                 exact_resize: bool = True) -> None:
+        self.mode = mode
+        self.resize = resize
+        self.crop = crop
+        self.max_pixels = max_pixels
+        self.threads = max(1, threads)
+        self.jpeg_draft = jpeg_draft
+        self.exact_resize = exact_resize
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pending: dict[int, tuple[Any, Future]] = {}  # id(body) -> (body, its decode)
 
     @classmethod
     def from_settings(cls, settings: Any) -> "ImageDecoder":
-        return cls(color_mode_for(settings.color_mode, settings.input_shape), settings.resize, settings.center_crop)
+        threads = settings.decode_threads or default_decode_threads()
+        return cls(color_mode_for(settings.color_mode, settings.input_shape), settings.resize, settings.center_crop,
+                   settings.max_image_pixels, threads, settings.jpeg_draft, settings.exact_resize)
 
     def __call__(self, body: Any, content_type: str = "") -> Optional[list[np.ndarray]]:
         content_type = (content_type or "").split(";")[0].strip().lower()
         if not isinstance(body, (bytes, bytearray)):
             return None
+        pending = self._pending.pop(id(body), None)
+        if pending is not None and pending[0] is body:
+            return [pending[1].result()]  # decoded ahead by `prefetch`; its RequestError re-raises here
         fmt = sniff_format(body)
         if fmt is None and content_type not in IMAGE_CONTENT_TYPES:
             return None
         return [self.decode(body)]
+
+    def prefetch(self, rows: Iterable[Any]) -> None:
+        """Start decoding every PNG/JPEG among the rows' values (one TorchServe batch: bodies and
+        multipart parts) in the pool; `__call__` then collects each result instead of decoding, so
+        answers, errors and their order are those of the sequential path. Forgets the previous
+        batch's leftovers (parts of a request refused before they were read)."""
+        for _, future in self._pending.values():
+            future.cancel()
+        self._pending = {}
+        bodies = [v for row in rows if isinstance(row, dict) for v in row.values()
+                  if isinstance(v, (bytes, bytearray)) and sniff_format(v) is not None]
+        if self.threads < 2 or len(bodies) < 2:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="image-decode")
+        self._pending = {id(b): (b, self._pool.submit(self.decode, b)) for b in bodies}
 
     def decode(self, data: bytes | bytearray, where: str = "image") -> np.ndarray:
         """One encoded image -> prepared uint8 (1, C, H, W); a RequestError names what is wrong."""
@@ -96,16 +152,20 @@ class ImageDecoder:
             ) from exc
         limit = self.max_pixels if self.max_pixels is not None else Image.MAX_IMAGE_PIXELS
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(bytes(data)), formats=FORMATS)
-                width, height = image.size
-                if limit and width * height > limit:
-                    raise Image.DecompressionBombError(f"{width * height} pixels")
-                image.load()
-                image = ImageOps.exif_transpose(image)
+            # Pillow only warns between its limit and twice that; the size check below refuses
+            # (a warnings filter would not do: filters are process-wide and this runs in threads).
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+            width, height = image.size
+            if limit and width * height > limit:
+                raise Image.DecompressionBombError(f"{width * height} pixels")
+            span = self._draft(image)
+            image.load()
+            if image.getexif().get(EXIF_ORIENTATION, 1) in SWAPS_AXES:
+                width, height, span = height, width, (span[1], span[0])
+            ImageOps.exif_transpose(image, in_place=True)  # no copy when there is nothing to turn
+            if image.mode != self.mode:
                 image = image.convert(self.mode)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        except Image.DecompressionBombError as exc:
             raise RequestError(
                 413, "ImageTooLarge",
                 f"{where} is too large to decode ({exc}); at most {limit} pixels are allowed",
@@ -117,11 +177,40 @@ class ImageDecoder:
                 f"{type(exc).__name__}: {exc}; send a valid PNG or JPEG",
                 "InvalidImage",
             ) from exc
-        if self.resize is not None:
-            image = image.resize(resized_size(*image.size, self.resize), Image.BILINEAR)
-        array = np.asarray(image, dtype=np.uint8)
-        if self.crop is not None:
-            array = center_crop(array, self.crop)
+        array = self._resize_and_crop(image, (width, height), span)
         if array.ndim == 2:
             array = array[:, :, None]
         return np.ascontiguousarray(array.transpose(2, 0, 1))[None]
+
+    def _draft(self, image: Any) -> tuple[float, float]:
+        """Ask libjpeg for a smaller decode when allowed. Returns the (w, h) the whole stored image
+        spans in the pixels that will be decoded (less than its size after a 1/2..1/8 draft)."""
+        full = (float(image.size[0]), float(image.size[1]))
+        if not (self.jpeg_draft and self.resize is not None and image.format == "JPEG"):
+            return full
+        drafted = image.draft(None, resized_size(*image.size, self.resize))  # symmetric in w/h: EXIF can wait
+        if drafted is None:
+            return full
+        box = drafted[1]
+        return (box[2] - box[0], box[3] - box[1])
+
+    def _resize_and_crop(self, image: Any, size: tuple[int, int], span: tuple[float, float]) -> np.ndarray:
+        """Resize the shorter side then center-crop, computing only the kept pixels, as uint8 HWC.
+
+        `size` is the original image's (w, h) and `span` its extent in `image`'s pixels (smaller
+        after a draft): target sizes come from `size`, so a drafted decode ends the same shape."""
+        from PIL import Image
+
+        if self.resize is None:
+            array = np.asarray(image, dtype=np.uint8)
+            return center_crop(array, self.crop) if self.crop is not None else array
+        new_w, new_h = resized_size(*size, self.resize)
+        exact = self.exact_resize and span == size  # not drafted, and asked for
+        if exact or self.crop is None or self.crop > new_w or self.crop > new_h:
+            resized = image.resize((new_w, new_h), Image.BILINEAR, box=(0, 0, *span))
+            array = np.asarray(resized, dtype=np.uint8)
+            return center_crop(array, self.crop) if self.crop is not None else array
+        sx, sy = span[0] / new_w, span[1] / new_h  # source pixels per resized pixel
+        left, top = crop_offsets(new_w, new_h, self.crop)
+        box = (left * sx, top * sy, (left + self.crop) * sx, (top + self.crop) * sy)
+        return np.asarray(image.resize((self.crop, self.crop), Image.BILINEAR, box=box), dtype=np.uint8)

@@ -32,7 +32,7 @@ NPY_CONTENT_TYPES = ("application/x-npy", "application/octet-stream", "applicati
 
 @dataclass
 class DecodedRequest:
-    """The images of one request, grouped by shape, and how the client wants its answer."""
+    """The images of one request, in request order (not grouped by shape), and how the client wants its answer."""
 
     images: list[np.ndarray]
     protocol: str = "data"  # data | npy | kserve_v1 | kserve_v2
@@ -44,7 +44,7 @@ class DecodedRequest:
         return sum(len(a) for a in self.images)
 
 
-ImageDecoder = Callable[[Any, str], Optional[list[np.ndarray]]]
+DecodeImage = Callable[[Any, str], Optional[list[np.ndarray]]]
 
 
 def request_body(row: dict) -> Any:
@@ -118,7 +118,7 @@ def _from_kserve_v2(payload: dict) -> DecodedRequest:
     return DecodedRequest(images, "kserve_v2", payload.get("id"), {"input_names": [t.get("name") for t in inputs]})
 
 
-def decode_json(payload: Any, image_decoder: Optional[ImageDecoder] = None) -> DecodedRequest:
+def decode_json(payload: Any, image_decoder: Optional[DecodeImage] = None) -> DecodedRequest:
     """A decoded JSON body: arrays in one of the three accepted forms, or base64 `images`."""
     if isinstance(payload, dict):
         if "images" in payload:
@@ -150,7 +150,7 @@ def _parse_json_bytes(body: bytes | bytearray) -> Any:
 def decode_request(
     body: Any,
     content_type: str = "",
-    image_decoder: Optional[ImageDecoder] = None,
+    image_decoder: Optional[DecodeImage] = None,
 ) -> DecodedRequest:
     """Decode one request body; the content type, else the bytes themselves, pick the format."""
     content_type = (content_type or "").split(";")[0].strip().lower()
@@ -184,7 +184,7 @@ def _no_image_decoder() -> RequestError:
     return RequestError(415, "ImagesUnsupported", "this server does not decode images; send .npy or JSON arrays")
 
 
-def decode_base64_images(items: Any, image_decoder: Optional[ImageDecoder]) -> DecodedRequest:
+def decode_base64_images(items: Any, image_decoder: Optional[DecodeImage]) -> DecodedRequest:
     """`{"images": ["<base64 PNG/JPEG>", ...]}` (a data: URL prefix is allowed): one image each, in order."""
     if image_decoder is None:
         raise _no_image_decoder()
@@ -207,7 +207,7 @@ def decode_base64_images(items: Any, image_decoder: Optional[ImageDecoder]) -> D
     return DecodedRequest(images, "image")
 
 
-def _decode_image_part(data: Any, content_type: str, where: str, image_decoder: ImageDecoder) -> list[np.ndarray]:
+def _decode_image_part(data: Any, content_type: str, where: str, image_decoder: DecodeImage) -> list[np.ndarray]:
     try:
         decoded = image_decoder(data, content_type) if len(data) else None
     except RequestError as exc:
@@ -217,7 +217,7 @@ def _decode_image_part(data: Any, content_type: str, where: str, image_decoder: 
     return [check_images(a, where) for a in decoded]
 
 
-def decode_multipart(parts: list[tuple[str, Any, str]], image_decoder: Optional[ImageDecoder]) -> DecodedRequest:
+def decode_multipart(parts: list[tuple[str, Any, str]], image_decoder: Optional[DecodeImage]) -> DecodedRequest:
     """multipart/form-data, one (name, value, content type) per part: each part one image or .npy array,
     answered in part order. TorchServe keys parts by name, so parts need distinct names."""
     if not parts:

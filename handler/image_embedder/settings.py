@@ -47,6 +47,10 @@ class EncoderSettings:
     center_crop: Optional[int] = None
     color_mode: str = "auto"
     input_shape: Optional[Sequence[int]] = None
+    decode_threads: Optional[int] = None  # threads decoding PNG/JPEG per worker; None: one per core
+    jpeg_draft: bool = False  # let libjpeg decode at 1/2..1/8 scale when resize allows (faster, not exact)
+    exact_resize: bool = True  # False: resize only the window center_crop keeps (faster, +-1 on a few pixels)
+    max_image_pixels: Optional[int] = None  # per encoded image; None: Pillow's MAX_IMAGE_PIXELS
 
     def pass_size(self, device_type: str) -> int:
         """The most images in one forward pass: the setting, else the original's 32 on a GPU and
@@ -99,7 +103,7 @@ class EncoderSettings:
             raise ConfigError(f"layer_name must be a non-empty string or list of strings, got {self.layer_name!r}")
         for name in ("max_images_per_request", "max_batch_pixels"):
             _positive_int(name, getattr(self, name))
-        for name in ("default_batch_size", "num_threads", "resize", "center_crop"):
+        for name in ("default_batch_size", "num_threads", "resize", "center_crop", "decode_threads", "max_image_pixels"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
         if isinstance(self.gem_p, bool) or not isinstance(self.gem_p, (int, float)) or self.gem_p <= 0:
@@ -122,7 +126,7 @@ class EncoderSettings:
                 raise ConfigError(f"input_shape must be a list of positive integers, got {self.input_shape!r}")
             for dim in self.input_shape:
                 _positive_int("input_shape entries", dim)
-        for name in ("normalize", "early_exit", "channels_last", "compile"):
+        for name in ("normalize", "early_exit", "channels_last", "compile", "jpeg_draft", "exact_resize"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.sha256 is not None:
