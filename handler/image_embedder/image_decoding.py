@@ -172,9 +172,11 @@ class ImageDecoder:
             ) from exc
         except Exception as exc:  # Pillow raises many types for corrupt data
             sniffed = sniff_format(data)
+            reason = ("Pillow cannot identify it" if isinstance(exc, Image.UnidentifiedImageError)  # its text names a
+                      else f"{type(exc).__name__}: {exc}")  # BytesIO's address: no use to the user
             raise bad_request(
                 f"{where} ({len(data)} bytes, {sniffed or 'neither PNG nor JPEG'}) cannot be decoded: "
-                f"{type(exc).__name__}: {exc}; send a valid PNG or JPEG",
+                f"{reason}; send a valid PNG or JPEG",
                 "InvalidImage",
             ) from exc
         array = self._resize_and_crop(image, (width, height), span)
