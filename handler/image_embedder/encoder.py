@@ -114,6 +114,8 @@ class ImageEncoder:
             borrowed = torch.from_numpy(first).to(self.device)
         if borrowed is not None:
             return self._normalize(borrowed.clone() if self._normalizes and _shares(borrowed, first) else borrowed)
+        elif self.device.type == "cuda":
+            batch = self._to_cuda(images)
         else:
             total = sum(len(a) for a in images)
             batch = torch.empty((total, *first.shape[1:]), dtype=torch.float32, device=self.device)
@@ -122,6 +124,17 @@ class ImageEncoder:
                 batch[row: row + len(array)].copy_(_as_tensor(array))
                 row += len(array)
         return self._normalize(batch)
+
+    def _to_cuda(self, images: Sequence[ArrayLike]) -> torch.Tensor:
+        """Gather on the host in pinned memory, in the images' own dtype (uint8 crosses PCIe as uint8:
+        4x fewer bytes), copy without blocking the host, convert to float32 on the device."""
+        tensors = [_as_tensor(a) for a in images]
+        if any(t.device.type != "cpu" for t in tensors):  # already on a device: nothing to pin
+            return torch.cat([t.to(self.device).float() for t in tensors])
+        dtype = torch.uint8 if all(t.dtype == torch.uint8 for t in tensors) else torch.float32
+        host = torch.empty((sum(len(t) for t in tensors), *tensors[0].shape[1:]), dtype=dtype, pin_memory=True)
+        torch.cat([t.to(dtype) for t in tensors], out=host)
+        return host.to(self.device, non_blocking=True).float()
 
     @property
     def _normalizes(self) -> bool:
