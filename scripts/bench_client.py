@@ -1,7 +1,8 @@
-"""A light HTTP load generator for the benchmark: keep-alive connections, payloads encoded once.
+"""The benchmark's HTTP clients: payloads encoded once, sent again and again by client threads.
 
-Each client thread owns one http.client connection (no per-request connect, no requests/urllib3
-machinery) and sends the same pre-encoded body again and again; the bench process's own CPU time
+Two kinds of client thread: `light` owns one keep-alive http.client connection (no requests/urllib3
+machinery: the cheapest client Python has), `requests` owns a `requests.Session` (what a user
+writes). Several threads are several requests in flight. The bench process's own CPU time
 and the server's process tree CPU time are read around the run, so the client's share of the two
 shared cores is reported next to every served figure.
 """
@@ -16,6 +17,7 @@ from typing import Optional
 from urllib.parse import urlparse
 
 import psutil
+import requests
 
 
 def own_cpu_seconds() -> float:
@@ -56,10 +58,45 @@ class RunResult:
     sample: Optional[bytes] = None  # one response body, for a correctness check
 
 
+CLIENT_KINDS = ("light", "requests")
+
+
+class LightClient:
+    """One keep-alive http.client connection."""
+
+    def __init__(self, base_url: str, timeout: float) -> None:
+        url = urlparse(base_url)
+        self.conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
+        self.conn.connect()
+
+    def post(self, path: str, body: bytes, headers: dict) -> tuple[int, bytes]:
+        self.conn.request("POST", path, body=body, headers=headers)
+        response = self.conn.getresponse()
+        return response.status, response.read()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class RequestsClient:
+    """One requests.Session, used the way a user's script uses it."""
+
+    def __init__(self, base_url: str, timeout: float) -> None:
+        self.base, self.timeout = base_url, timeout
+        self.session = requests.Session()
+
+    def post(self, path: str, body: bytes, headers: dict) -> tuple[int, bytes]:
+        response = self.session.post(self.base + path, data=body, headers=headers, timeout=self.timeout)
+        return response.status_code, response.content
+
+    def close(self) -> None:
+        self.session.close()
+
+
 def run_clients(base_url: str, path: str, body: bytes, headers: dict, clients: int, per_client: int,
-                server_pid: Optional[int] = None, timeout: float = 600.0) -> RunResult:
-    """`clients` threads, each sending `per_client` POSTs of `body` over its own keep-alive connection."""
-    url = urlparse(base_url)
+                server_pid: Optional[int] = None, timeout: float = 600.0, kind: str = "light") -> RunResult:
+    """`clients` threads of the given kind, each sending `per_client` POSTs of `body`, one after another."""
+    make = {"light": LightClient, "requests": RequestsClient}[kind]
     latencies: list[float] = []
     errors: list[str] = []
     samples: list[bytes] = []
@@ -67,20 +104,17 @@ def run_clients(base_url: str, path: str, body: bytes, headers: dict, clients: i
     ready = threading.Barrier(clients + 1)
 
     def client() -> None:
-        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
-        conn.connect()
+        conn = make(base_url, timeout)
         mine: list[float] = []
         try:
             ready.wait()
             for _ in range(per_client):
                 start = time.perf_counter()
-                conn.request("POST", path, body=body, headers=headers)
-                response = conn.getresponse()
-                data = response.read()
+                status, data = conn.post(path, body, headers)
                 mine.append(time.perf_counter() - start)
-                if response.status != 200:
+                if status != 200:
                     with lock:
-                        errors.append(f"{response.status}: {data[:200]!r}")
+                        errors.append(f"{status}: {data[:200]!r}")
                 elif not samples:
                     with lock:
                         samples.append(data)
