@@ -38,7 +38,6 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import yaml
-from PIL import Image
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(SCRIPTS)
@@ -48,6 +47,7 @@ for folder in (os.path.join(REPO, "handler"), SCRIPTS, os.path.join(REPO, "tests
 
 import bench_models  # noqa: E402
 from bench_client import RunResult, run_clients  # noqa: E402
+from bench_photos import jpegs  # noqa: E402
 from build_mar import build_archive  # noqa: E402
 from image_embedder.encoder import ImageEncoder  # noqa: E402
 from image_embedder.image_decoding import ImageDecoder, default_decode_threads  # noqa: E402
@@ -200,28 +200,6 @@ def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
-
-
-def natural_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
-    """A photo-like picture: smooth colour fields at several scales (1/f-ish) plus fine grain."""
-    out = np.zeros((height, width, 3), np.float32)
-    for cells, weight in ((3, 1.0), (12, 0.5), (48, 0.25), (192, 0.12)):
-        small = rng.normal(0, 1, (max(2, cells * height // width), cells, 3)).astype(np.float32)
-        layer = np.stack([np.asarray(Image.fromarray(small[:, :, c], "F").resize((width, height), Image.BICUBIC))
-                          for c in range(3)], axis=2)
-        out += weight * layer
-    out = (out - out.mean()) / (out.std() + 1e-6) * 48 + 120 + rng.normal(0, 3, out.shape)
-    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
-
-
-def jpegs(count: int, width: int, height: int, seed: int) -> tuple:
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(count):
-        buf = io.BytesIO()
-        natural_image(rng, width, height).save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return tuple(out)
 
 
 def multipart(files: tuple) -> tuple[bytes, str]:

@@ -1,6 +1,6 @@
-"""A ResNet-18-shaped model for the benchmark, in plain torch.nn (no torchvision).
+"""ResNet-18- and ResNet-50-shaped models for the benchmark, in plain torch.nn (no torchvision).
 
-Random weights, 3x224x224 input; the benchmark taps `layer4` (512 channels, 7x7) with avg pooling.
+Random weights, 3x224x224 input; the benchmark taps `layer4` (512 or 2048 channels, 7x7) with avg pooling.
 This file only imports torch, so it is shipped as the model definition file of the bench archive.
 """
 from __future__ import annotations
@@ -30,8 +30,34 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
+class Bottleneck(nn.Module):
+    """1x1 down, 3x3, 1x1 up (x4) with batch norm and a residual connection (ResNet-50's block)."""
+
+    def __init__(self, cin: int, width: int, stride: int = 1) -> None:
+        super().__init__()
+        cout = width * 4
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
 class ResNet18(nn.Module):
     """ResNet-18's layout: stem, four stages of two basic blocks, avgpool, fc."""
+
+    blocks = (2, 2, 2, 2)
 
     def __init__(self, num_classes: int = 1000) -> None:
         super().__init__()
@@ -39,14 +65,19 @@ class ResNet18(nn.Module):
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        widths = [64, 128, 256, 512]
         cin = 64
-        for i, width in enumerate(widths):
-            stride = 1 if i == 0 else 2
-            setattr(self, f"layer{i + 1}", nn.Sequential(BasicBlock(cin, width, stride), BasicBlock(width, width)))
-            cin = width
+        for i, (width, count) in enumerate(zip((64, 128, 256, 512), self.blocks)):
+            stage = []
+            for j in range(count):
+                stage.append(self._block(cin, width, (1 if i == 0 else 2) if j == 0 else 1))
+                cin = stage[-1].conv2.out_channels * (4 if isinstance(stage[-1], Bottleneck) else 1)
+            setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512, num_classes)
+        self.fc = nn.Linear(cin, num_classes)
+
+    @staticmethod
+    def _block(cin: int, width: int, stride: int) -> nn.Module:
+        return BasicBlock(cin, width, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -54,10 +85,20 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def make_weights(path: str, seed: int = 0) -> str:
+class ResNet50(ResNet18):
+    """ResNet-50's layout: bottleneck blocks 3/4/6/3, 2048 channels at layer4."""
+
+    blocks = (3, 4, 6, 3)
+
+    @staticmethod
+    def _block(cin: int, width: int, stride: int) -> nn.Module:
+        return Bottleneck(cin, width, stride)
+
+
+def make_weights(path: str, seed: int = 0, model_class: type = ResNet18) -> str:
     """Random weights (with non-trivial batch-norm statistics) saved as a state_dict at `path`."""
     torch.manual_seed(seed)
-    model = ResNet18()
+    model = model_class()
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):

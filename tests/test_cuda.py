@@ -1,11 +1,15 @@
 """The GPU path: uint8 batches cross to the device as uint8 from pinned memory, embeddings match the
 CPU reference, autocast stays close, and a real CUDA out-of-memory costs only its shape group (507).
 
-Skipped without CUDA (the development machines have none); scripts/gpu_check.sh runs these on one.
+Skipped without CUDA (the development machines have none); scripts/gpu_check.sh runs these on one,
+with --noconftest (a GPU machine may lack TorchServe): so the fixtures are this module's own.
 """
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -36,6 +40,24 @@ GREEDY_MODEL = textwrap.dedent('''
                 torch.empty(1 << 50, dtype=torch.uint8, device=x.device)  # 1 PiB: a real CUDA OOM
             return self.head(self.conv1(x).mean((2, 3)))
 ''')
+
+
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "custom_model", "model.py")
+
+
+@pytest.fixture(scope="module")
+def example_files(tmp_path_factory) -> dict:
+    """The example CustomModel and the state_dict its own __main__ writes."""
+    folder = tmp_path_factory.mktemp("cuda_example")
+    model_file = shutil.copy(EXAMPLE, folder / "model.py")
+    weights = folder / "model_state_dict.pth"
+    subprocess.run([sys.executable, str(model_file), str(weights)], check=True, capture_output=True)
+    return {"model_file": str(model_file), "state_dict": str(weights), "class": "CustomModel"}
+
+
+@pytest.fixture(scope="module")
+def example_model(example_files) -> torch.nn.Module:
+    return load_reference_model(example_files["model_file"], example_files["class"], example_files["state_dict"])
 
 
 def encoder_for(example_files: dict, **extra) -> ImageEncoder:
