@@ -109,6 +109,26 @@ class LoadRun:
                 return "crossed", f"got client {other}'s embedding"
         return "wrong", f"max abs diff {np.abs(got - mine).max() if got.shape == mine.shape else got.shape}"
 
+    def snapshot(self) -> list[Record]:
+        with self._lock:
+            return list(self.records)
+
+    def wait_for(self, what: str, done, timeout: float) -> float:
+        """Poll the records until `done(records)` holds; returns when (monotonic). Raises on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if done(self.snapshot()):
+                return time.monotonic()
+            time.sleep(0.05)
+        raise TimeoutError(f"load run: {what} not reached within {timeout:.0f} s")
+
+    def every_client(self, since: float, outcome: Optional[str] = "ok"):
+        """A condition: every client has a record sent at or after `since` (with `outcome`, None: any)."""
+        def done(records: list[Record]) -> bool:
+            seen = {r.client for r in records if r.sent >= since and (outcome is None or r.outcome == outcome)}
+            return len(seen) == len(self.inputs)
+        return done
+
     def _client(self, client: int) -> None:
         session = requests.Session()
         headers = {**self.headers, "Content-Type": "application/x-npy"}
@@ -209,31 +229,37 @@ def summarize(records: list[Record], start: float, end: float, kill_at: Optional
 
 def run_scenario(server: TorchServe, model: str, inputs: list[ClientInputs], duration: float,
                  scale_at: Optional[float], kill_at: Optional[float], timeout: float = 120.0,
-                 tail: float = 0.0, settle: float = 3.0, log=print) -> dict:
-    """Load for `duration` s; scale 1->3->1 from `scale_at`, SIGKILL a worker at `kill_at` (s from start).
+                 log=print) -> dict:
+    """Load for at least `duration` s; scale 1->3->1 from `scale_at`, SIGKILL a worker from `kill_at`.
 
-    Events run in that order even when one runs late; the load goes on at least `tail` s after the
-    replacement worker is up.
+    Each phase waits on state, not on time: it starts once every client has had an answer after the
+    previous one (so the phases' failures can't be mixed up), and the run ends once every client has
+    had a correct answer from the replacement worker. `scale_at`/`kill_at` are only "not before" times.
     """
     run = LoadRun(f"{server.inference_url}/predictions/{model}", server.headers(), inputs, timeout).start()
     events: dict = {}
     t0 = run.started
+    phase_timeout = timeout + 120.0  # a lost request resolves at the client timeout; then each client answers
 
     def wait_until(offset: float) -> None:
         time.sleep(max(0.0, t0 + offset - time.monotonic()))
 
     try:
+        run.wait_for("a first correct answer for every client", run.every_client(t0), phase_timeout)
         if scale_at is not None:
             wait_until(scale_at)
             events["scale_start"] = time.monotonic()
             events["scale_up_s"] = round(scale(server, model, 3), 2)
             log(f"scaled to 3 workers in {events['scale_up_s']} s")
-            time.sleep(1.0)
+            up = time.monotonic()
+            run.wait_for("answers for every client from 3 workers", run.every_client(up), phase_timeout)
             events["scale_down"] = time.monotonic()
             events["scale_down_s"] = round(scale(server, model, 1), 2)
             events["scale_end"] = time.monotonic()
             log(f"scaled back to 1 worker in {events['scale_down_s']} s")
-            time.sleep(settle)  # a gap, so a failure is told apart: scaling's or the kill's
+            # every request in flight at the scale-down has ended (answered, failed or timed out)
+            events["scale_settled"] = run.wait_for("every client past the scale-down",
+                                                   run.every_client(events["scale_end"], None), phase_timeout)
         if kill_at is not None:
             wait_until(kill_at)
             pid, events["kill"] = kill_worker(server, model)
@@ -241,7 +267,8 @@ def run_scenario(server: TorchServe, model: str, inputs: list[ClientInputs], dur
             events["replaced"] = wait_for_replacement(server, model, pid)
             events["worker_back_s"] = round(events["replaced"] - events["kill"], 2)
             log(f"replacement worker READY after {events['worker_back_s']} s")
-            time.sleep(tail)
+            events["kill_settled"] = run.wait_for("a correct answer for every client after the replacement",
+                                                  run.every_client(events["replaced"]), phase_timeout)
         wait_until(duration)
     finally:
         records = run.stop()

@@ -235,20 +235,27 @@ def test_scaling_workers_while_requests_run(batching_server):
             answered.append(k)
             i += 1
 
+    def wait_for_answers(count, what):
+        """Poll until `count` more requests were answered: traffic really ran in this phase."""
+        goal, deadline = len(answered) + count, time.monotonic() + 2 * CLIENT_TIMEOUT_S
+        while len(answered) < goal:
+            assert time.monotonic() < deadline and not stop.is_set(), f"no traffic {what}: {failures[:3]}"
+            time.sleep(0.05)
+
     threads = [threading.Thread(target=client, args=(n * 5,)) for n in range(3)]
     for t in threads:
         t.start()
     try:
-        time.sleep(1)
+        wait_for_answers(6, "before scaling")
         _scale(server, 2)
         workers = requests.get(f"{server.management_url}/models/{NAME}", headers=server.headers("management"),
                                timeout=TIMEOUT).json()[0]["workers"]
         assert len(workers) == 2, workers
-        time.sleep(1)
+        wait_for_answers(6, "with two workers")
         during_up = len(answered)
         scale_down_started[0] = time.monotonic()
         _scale(server, 1)
-        time.sleep(1)
+        wait_for_answers(6, "after the scale-down")
     finally:
         stop.set()
         for t in threads:
