@@ -155,8 +155,9 @@ def test_mistakes_fail_before_anything_is_written(user_files, tmp_path, capsys, 
     argv = full_cli(user_files, out)
     argv[argv.index(change[0]) + 1] = change[1]
     assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ")
+    lines = capsys.readouterr().err.splitlines()  # progress lines may come before the error
+    assert any(line.startswith("error: ") for line in lines)
+    err = "\n".join(lines[next(i for i, line in enumerate(lines) if line.startswith("error: ")):])
     for text in expected:
         assert text in err
     assert not out.exists() or not os.listdir(out)

@@ -16,6 +16,7 @@ import torch
 
 from .errors import ConfigError, RequestError, bad_request
 from .layer_tap import LayerTap
+from .checkpoints import UnwrapOptions
 from .loading import load_model
 from .pooling import pool_layers
 from .settings import EncoderSettings
@@ -77,6 +78,7 @@ class ImageEncoder:
             settings.model_init_kwargs,
             str(self.device),
             settings.sha256,
+            unwrap_options=UnwrapOptions.from_settings(settings),
         )
         if settings.channels_last:
             model = model.to(memory_format=torch.channels_last)
