@@ -181,8 +181,8 @@ def prepare_weights(spec: ArchiveSpec, settings: EncoderSettings, root: str, say
     else:
         torch.save(clean, target)
     before, after = _source_size(source), os.path.getsize(target)
-    say(f"weights: the archive holds {os.path.basename(target)} ({_size(after)}) instead of "
-        f"{os.path.basename(source)} ({_size(before)}): {100 * (before - after) / before:.0f}% smaller")
+    say(f"weights: the archive holds the weights alone as {os.path.basename(target)}, {_size(after)}; "
+        f"{os.path.basename(source)} was {_size(before)}: {100 * (before - after) / before:.0f}% smaller")
     return target
 
 

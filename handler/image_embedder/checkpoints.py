@@ -53,11 +53,15 @@ class Reading:
     prefix: str
 
     def describe(self) -> str:
-        took = f"took `{'/'.join(self.path)}`" if self.path else "took the top level"
-        return took + (f", stripped `{self.prefix}`" if self.prefix else "")
+        parts = ([f"took `{'/'.join(self.path)}`"] if self.path else []) + (
+            [f"stripped `{self.prefix}`"] if self.prefix else [])
+        return ", ".join(parts) or "took the top level"
 
     def as_flags(self) -> str:
-        return f"--checkpoint-key {'/'.join(self.path) or repr('')} --strip-prefix {self.prefix or repr('')}"
+        """The build_mar.py flags that choose this reading."""
+        parts = ([f"--checkpoint-key {'/'.join(self.path)}"] if self.path else []) + (
+            [f"--strip-prefix {self.prefix}"] if self.prefix else [])
+        return " ".join(parts) or "--checkpoint-key '' --strip-prefix ''"
 
 
 @dataclass
@@ -218,12 +222,15 @@ def _selected(tensors: Mapping[str, torch.Tensor], prefix: str) -> set[str]:
 
 
 def _prefix_candidates(tensors: Mapping[str, torch.Tensor], expected: set[str]) -> list[str]:
-    """Prefixes p (empty or ending in '.') for which p + some model key is a key here."""
-    if not expected:
-        return [""]
-    anchor = min(expected, key=len)
-    found = {k[: len(k) - len(anchor)] for k in tensors if k.endswith(anchor)}
-    return sorted(p for p in found | {""} if p == "" or p.endswith("."))
+    """"" and every dotted prefix p for which some key here is p + a model key."""
+    found = {""}
+    for key in tensors:
+        cut = key.find(".")
+        while cut != -1:
+            if key[cut + 1:] in expected:
+                found.add(key[: cut + 1])
+            cut = key.find(".", cut + 1)
+    return sorted(found)
 
 
 def _ignored(content: Mapping[str, Any], reading: Reading) -> list[str]:
@@ -269,8 +276,11 @@ def _mismatch(containers: dict, expected: set[str], options: UnwrapOptions, sour
         return message
     selected = _selected(_tensors(containers[best.path]), best.prefix)
     if selected == expected:
-        return (message + f". Every model key is there when you {_fix_words(best)}: add {best.as_flags()} "
-                f"(handler settings checkpoint_key, strip_prefix)")
+        tensors = _tensors(containers[best.path])
+        lead = (f"Every key{' of `' + '/'.join(best.path) + '`' if best.path else ''} starts with `{best.prefix}`: every"
+                if best.prefix and all(k.startswith(best.prefix) for k in tensors) else "Every")
+        return (message + f". {lead} model key is found when you {_fix_words(best)}: "
+                f"add {best.as_flags()} (handler settings checkpoint_key, strip_prefix)")
     return (message + f". The closest reading, {best.describe()}, matches {len(selected & expected)} of "
             f"{len(expected)} model keys ({best.as_flags()}): " + _key_diff(selected, expected)
             + "; a partial load is never done")
@@ -281,7 +291,7 @@ def _fix_words(reading: Reading) -> str:
     if reading.path:
         parts.append(f"take `{'/'.join(reading.path)}`")
     if reading.prefix:
-        parts.append(f"strip `{reading.prefix}` (every key starts with it)")
+        parts.append(f"strip `{reading.prefix}`")
     return " and ".join(parts) or "read the top level as it is"
 
 
