@@ -63,6 +63,12 @@ class Reading:
             [f"--strip-prefix {self.prefix}"] if self.prefix else [])
         return " ".join(parts) or "--checkpoint-key '' --strip-prefix ''"
 
+    def as_settings(self) -> str:
+        """The handler settings that choose this reading."""
+        parts = ([f"checkpoint_key: {'/'.join(self.path)}"] if self.path else []) + (
+            [f"strip_prefix: {self.prefix}"] if self.prefix else [])
+        return ", ".join(parts) or "checkpoint_key: '', strip_prefix: ''"
+
 
 @dataclass
 class Unwrapped:
@@ -280,7 +286,7 @@ def _mismatch(containers: dict, expected: set[str], options: UnwrapOptions, sour
         lead = (f"Every key{' of `' + '/'.join(best.path) + '`' if best.path else ''} starts with `{best.prefix}`: every"
                 if best.prefix and all(k.startswith(best.prefix) for k in tensors) else "Every")
         return (message + f". {lead} model key is found when you {_fix_words(best)}: "
-                f"add {best.as_flags()} (handler settings checkpoint_key, strip_prefix)")
+                f"add {best.as_flags()} (handler settings {best.as_settings()})")
     return (message + f". The closest reading, {best.describe()}, matches {len(selected & expected)} of "
             f"{len(expected)} model keys ({best.as_flags()}): " + _key_diff(selected, expected)
             + "; a partial load is never done")
