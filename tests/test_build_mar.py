@@ -185,6 +185,15 @@ def test_mistakes_fail_before_anything_is_written(user_files, tmp_path, capsys, 
     assert not out.exists() or not os.listdir(out)
 
 
+def test_errors_name_the_users_model_file_not_the_staged_copy(user_files, tmp_path, capsys):
+    argv = full_cli(user_files, tmp_path / "store")
+    argv[argv.index("--model-class") + 1] = "NestedNett"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"is not a class or function in {str(user_files / 'nested_net.py')!r}" in err
+    assert "mar-build-" not in err
+
+
 def test_bad_pooling_is_refused_by_the_parser(user_files, tmp_path, capsys):
     argv = full_cli(user_files, tmp_path / "store")
     argv[argv.index("--pooling") + 1] = "mean"
