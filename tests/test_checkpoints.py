@@ -449,3 +449,17 @@ def test_real_torchserve_serves_lightning_and_sharded_archives(originals, tmp_pa
             assert r.status_code == 200, r.text
             assert r.headers["Content-Type"].startswith("application/json")
             np.testing.assert_allclose(np.asarray(r.json()["embeddings"], np.float32), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("strip_prefix", 3, "strip_prefix must be a string, got 3"),
+    ("checkpoint_key", ["state_dict"], "checkpoint_key must be a string"),
+    ("checkpoint_detect", "no", "checkpoint_detect must be true or false, got 'no'"),
+    ("keep_weights_dtype", 1, "keep_weights_dtype must be true or false, got 1"),
+])
+def test_weights_settings_are_checked(setting, value, message):
+    from image_embedder.settings import EncoderSettings
+
+    # ValueError: InProcessModel re-imports image_embedder from each archive, so ConfigError may be another copy
+    with pytest.raises(ValueError, match=message):
+        EncoderSettings.from_mapping({"model_definition_file": "m.py", "model_class_name": "M", setting: value})

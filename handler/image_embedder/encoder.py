@@ -14,9 +14,9 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .checkpoints import UnwrapOptions
 from .errors import ConfigError, RequestError, bad_request
 from .layer_tap import LayerTap
-from .checkpoints import UnwrapOptions
 from .loading import load_model
 from .pooling import pool_layers
 from .settings import EncoderSettings

@@ -127,10 +127,13 @@ class EncoderSettings:
                 raise ConfigError(f"input_shape must be a list of positive integers, got {self.input_shape!r}")
             for dim in self.input_shape:
                 _positive_int("input_shape entries", dim)
-        for name in ("checkpoint_key", "strip_prefix"):
+        for name in ("normalize", "early_exit", "channels_last", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("checkpoint_key", "strip_prefix"):  # where the weights sit in a checkpoint
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
-        for name in ("normalize", "early_exit", "channels_last", "compile", "checkpoint_detect", "keep_weights_dtype"):
+        for name in ("checkpoint_detect", "keep_weights_dtype"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.sha256 is not None:
