@@ -174,10 +174,13 @@ def prepare_weights(spec: ArchiveSpec, settings: EncoderSettings, root: str, say
         shutil.copy2(source, root)
         return source
     target = os.path.join(root, _clean_name(source))
+    if os.path.exists(target):
+        raise ConfigError(f"the clean weights of {source!r} would be named {os.path.basename(target)!r} in the "
+                          f"archive, like one of your other files: rename one of them")
     clean = {k: v.detach().contiguous().clone() for k, v in report.found.state.items()}  # own storage each
     if target.endswith(".safetensors"):
         from safetensors.torch import save_file
-        save_file(clean, target)
+        save_file(clean, target, metadata={"format": "pt"})
     else:
         torch.save(clean, target)
     before, after = _source_size(source), os.path.getsize(target)
