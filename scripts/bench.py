@@ -44,7 +44,7 @@ for folder in (os.path.join(REPO, "handler"), SCRIPTS, os.path.join(REPO, "tests
 
 import bench_models  # noqa: E402
 from bench_client import RunResult, run_clients  # noqa: E402
-from build_mar import build_archive  # noqa: E402
+from build_mar import ArchiveSpec, build_archive  # noqa: E402
 from image_embedder.encoder import ImageEncoder  # noqa: E402
 from image_embedder.npy_codec import read_npy  # noqa: E402
 from image_embedder.request_decoding import check_request_limits, decode_request  # noqa: E402
@@ -286,8 +286,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         for spec in specs:
             handler = {"num_threads": args.threads, **spec.settings}
             for suffix, cfg in (("", single_cfg), ("_dyn", dyn_cfg)):
-                build_archive(spec.model_file, spec.model_class, spec.state_dict, spec.layer, input_shape=list(SHAPE),
-                              config_file=cfg, name=spec.name + suffix, export_path=store, settings=handler, quiet=True)
+                build_archive(ArchiveSpec(spec.model_file, spec.model_class, spec.state_dict, spec.layer, input_shape=list(SHAPE),
+                              config_file=cfg, name=spec.name + suffix, export_path=store, settings=handler), quiet=True)
                 names.append(f"{spec.name}{suffix}={spec.name}{suffix}.mar")
         print(f"archives built in {time.perf_counter() - t_start:.1f}s; starting TorchServe with {len(names)} models",
               flush=True)

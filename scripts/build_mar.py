@@ -3,6 +3,8 @@
 
 Before anything is written the model is imported, built, loaded and its layer resolved (and with
 --input-shape run once), so a mistake shows here with a clear message, not in a worker log.
+Training checkpoints (DataParallel, torch.compile, Lightning, EMA, sharded safetensors) are
+unwrapped here, and the archive holds only the clean weights (docs/weights.md).
 
     python scripts/build_mar.py --model-file model.py --model-class CustomModel \
         --state-dict weights.pth --layer conv1 --input-shape 3,224,224
@@ -10,11 +12,16 @@ Before anything is written the model is imported, built, loaded and its layer re
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import shutil
 import sys
 import tempfile
-from typing import Any, Optional, Sequence
+from dataclasses import KW_ONLY, dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+
+import torch
 
 import yaml
 
@@ -22,10 +29,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HANDLER_DIR = os.path.join(REPO, "handler")
 sys.path.insert(0, HANDLER_DIR)
 
-from cli_args import parse_kwargs, parse_shape  # noqa: E402
+from cli_args import add_weights_arguments, parse_kwargs, parse_shape, weights_settings  # noqa: E402
+from image_embedder.checkpoints import INDEX_SUFFIX, UnwrapOptions  # noqa: E402
 from image_embedder.encoder import ImageEncoder  # noqa: E402
 from image_embedder.errors import ConfigError  # noqa: E402
-from image_embedder.loading import file_sha256  # noqa: E402
+from image_embedder.loading import build_model, file_sha256, import_model_file, load_weights  # noqa: E402
 from image_embedder.settings import POOLINGS, EncoderSettings  # noqa: E402
 
 PACKAGE = "image_embedder"
@@ -42,34 +50,50 @@ DEFAULT_TS_CONFIG: dict[str, Any] = {
 }
 
 
-def handler_settings(
-    model_file: str,
-    model_class: str,
-    state_dict: Optional[str],
-    layer: str,
-    pooling: str = "avg",
-    model_kwargs: Optional[dict] = None,
-    batch_size: Optional[int] = None,
-    input_shape: Optional[Sequence[int]] = None,
-    extra: Optional[dict] = None,
-) -> dict[str, Any]:
-    """The `handler:` section, with paths as they will lie in the archive root."""
-    layers = [name.strip() for name in layer.split(",") if name.strip()]
+@dataclass(frozen=True)
+class ArchiveSpec:
+    """One build: the user's files, the layer, handler settings and where the archive goes.
+
+    The first four are positional; everything else is named. `settings` holds any other handler
+    setting (`--set`), including where the weights sit in a checkpoint (checkpoint_key, strip_prefix).
+    """
+
+    model_file: str
+    model_class: str
+    state_dict: Optional[str]
+    layer: str
+    _: KW_ONLY
+    pooling: str = "avg"
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    extra_files: Sequence[str] = ()
+    batch_size: Optional[int] = None
+    input_shape: Optional[Sequence[int]] = None
+    config_file: Optional[str] = None
+    name: str = "encoder"
+    export_path: str = "model_store"
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+# Settings that say where the weights sit in the user's file: used at build time, then dropped,
+# because the archive holds the weights already taken out and stripped.
+UNWRAP_SETTINGS = ("checkpoint_key", "strip_prefix", "checkpoint_detect")
+
+
+def handler_settings(spec: ArchiveSpec) -> dict[str, Any]:
+    """The `handler:` section, with paths as they will lie in the archive root (weights added later)."""
+    layers = [name.strip() for name in spec.layer.split(",") if name.strip()]
     settings: dict[str, Any] = {
-        "model_definition_file": os.path.basename(model_file),
-        "model_class_name": model_class,
+        "model_definition_file": os.path.basename(spec.model_file),
+        "model_class_name": spec.model_class,
         "layer_name": layers[0] if len(layers) == 1 else layers,
-        "pooling": pooling,
-        "model_init_kwargs": dict(model_kwargs or {}),
+        "pooling": spec.pooling,
+        "model_init_kwargs": dict(spec.model_kwargs or {}),
     }
-    if state_dict:
-        settings["model_state_dict_path"] = os.path.basename(state_dict)
-        settings["sha256"] = file_sha256(state_dict)
-    if batch_size is not None:
-        settings["default_batch_size"] = batch_size
-    if input_shape:
-        settings["input_shape"] = list(input_shape)
-    settings.update(extra or {})
+    if spec.batch_size is not None:
+        settings["default_batch_size"] = spec.batch_size
+    if spec.input_shape:
+        settings["input_shape"] = list(spec.input_shape)
+    settings.update(spec.settings or {})
     return settings
 
 
@@ -97,71 +121,132 @@ def _stage(files: Sequence[str], folder: str) -> None:
             shutil.copy2(path, folder)
 
 
-def validate(config: dict[str, Any], files: Sequence[str]) -> ImageEncoder:
-    """Load the model exactly as a worker will, from a copy of the archive's root."""
-    settings = EncoderSettings.from_mapping(config["handler"])
-    with tempfile.TemporaryDirectory(prefix="mar-check-") as root:
-        _stage(files, root)
-        return ImageEncoder(settings, root)
+@contextlib.contextmanager
+def _named_as_given(root: str, files: Sequence[str]) -> Iterator[None]:
+    """Errors raised over the staged copies name the user's files, never the temporary folder."""
+    try:
+        yield
+    except ConfigError as exc:
+        message = str(exc)
+        for path in files:
+            message = message.replace(os.path.join(root, os.path.basename(path)), path)
+        raise ConfigError(message.replace(root + os.sep, "")) from exc
 
 
-def build_archive(
-    model_file: str,
-    model_class: str,
-    state_dict: Optional[str],
-    layer: str,
-    pooling: str = "avg",
-    model_kwargs: Optional[dict] = None,
-    extra_files: Sequence[str] = (),
-    batch_size: Optional[int] = None,
-    input_shape: Optional[Sequence[int]] = None,
-    config_file: Optional[str] = None,
-    name: str = "encoder",
-    export_path: str = "model_store",
-    settings: Optional[dict] = None,
-    quiet: bool = False,
-) -> str:
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.2f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.1f} kB"
+
+
+def _source_size(path: str) -> int:
+    """Bytes of the user's weights: the file, or an index and all its shards."""
+    if not path.endswith(INDEX_SUFFIX):
+        return os.path.getsize(path)
+    with open(path) as f:
+        shards = set(json.load(f)["weight_map"].values())
+    return os.path.getsize(path) + sum(os.path.getsize(os.path.join(os.path.dirname(path), s)) for s in shards)
+
+
+def _clean_name(path: str) -> str:
+    """`run3/last.ckpt` -> `last.pth`; a (sharded) safetensors source stays safetensors."""
+    base = os.path.basename(path)
+    for suffix in (INDEX_SUFFIX, ".safetensors", ".ckpt", ".pth.tar", ".pth", ".pt", ".bin", ".tar"):
+        if base.endswith(suffix):
+            stem = base[: -len(suffix)]
+            return stem + (".safetensors" if "safetensors" in suffix else ".pth")
+    return base + ".pth"
+
+
+def prepare_weights(spec: ArchiveSpec, settings: EncoderSettings, root: str, say: Callable[..., None]) -> str:
+    """Find the weights in the user's file, load them into the model, and write them clean into `root`.
+
+    Returns the path of the file the archive holds: the user's own file when it already is the
+    plain state_dict, else the weights alone (no optimizer state, no container, no prefix), in
+    their own dtype, as a torch file or safetensors as the source was.
+    """
+    source = spec.state_dict
+    assert source is not None
+    model = build_model(import_model_file(os.path.join(root, os.path.basename(spec.model_file))),
+                        spec.model_class, spec.model_kwargs)
+    report = load_weights(model, source, UnwrapOptions.from_settings(settings))
+    for line in report.lines():
+        say(f"weights: {line}")
+    if report.found.is_plain and not source.endswith(INDEX_SUFFIX):
+        shutil.copy2(source, root)
+        return source
+    target = os.path.join(root, _clean_name(source))
+    if os.path.exists(target):
+        raise ConfigError(f"the clean weights of {source!r} would be named {os.path.basename(target)!r} in the "
+                          f"archive, like one of your other files: rename one of them")
+    clean = {k: v.detach().contiguous().clone() for k, v in report.found.state.items()}  # own storage each
+    if target.endswith(".safetensors"):
+        from safetensors.torch import save_file
+        save_file(clean, target, metadata={"format": "pt"})
+    else:
+        torch.save(clean, target)
+    before, after = _source_size(source), os.path.getsize(target)
+    say(f"weights: the archive holds the weights alone as {os.path.basename(target)}, {_size(after)}; "
+        f"{os.path.basename(source)} was {_size(before)}: {100 * (before - after) / before:.0f}% smaller")
+    return target
+
+
+def build_archive(spec: ArchiveSpec, quiet: bool = False) -> str:
     """Check the model, then write `<export_path>/<name>.mar`; returns its path."""
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
-    for path in [model_file, *( [state_dict] if state_dict else []), *extra_files, *([config_file] if config_file else [])]:
+    given = [spec.model_file, *([spec.state_dict] if spec.state_dict else []), *spec.extra_files]
+    for path in [*given, *([spec.config_file] if spec.config_file else [])]:
         if not os.path.exists(path):
             raise ConfigError(f"{path!r} does not exist")
-    handler = handler_settings(model_file, model_class, state_dict, layer, pooling, model_kwargs,
-                               batch_size, input_shape, settings)
-    config = merged_model_config(config_file, handler)
-    user_files = [model_file, *([state_dict] if state_dict else []), *extra_files]
-    encoder = validate(config, user_files)
-    say(f"model {model_class} from {model_file}: layer(s) {handler['layer_name']} resolved, weights loaded")
-    if encoder.embedding_dim is not None:
-        say(f"one forward pass on {list(input_shape or [])}: embedding size {encoder.embedding_dim}")
+    config = merged_model_config(spec.config_file, handler_settings(spec))
+    settings = EncoderSettings.from_mapping(config["handler"])
+    if not spec.state_dict:
+        say(f"warning: no --state-dict: the archive holds {spec.model_class}'s freshly initialized (untrained) "
+            f"weights, unless the model loads its own; its embeddings will mean nothing otherwise")
 
     from model_archiver.model_archiver_config import ModelArchiverConfig
     from model_archiver.model_packaging import generate_model_archive
 
-    os.makedirs(export_path, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mar-build-") as work:
+        root = os.path.join(work, "root")  # the archive's root as a worker will see it
+        os.makedirs(root)
+        _stage([spec.model_file, *spec.extra_files], root)
+        with _named_as_given(root, given):
+            weights = prepare_weights(spec, settings, root, say) if spec.state_dict else None
+            handler = {k: v for k, v in config["handler"].items() if k not in UNWRAP_SETTINGS}
+            if weights:
+                handler.update(model_state_dict_path=os.path.basename(weights), sha256=file_sha256(weights))
+            config["handler"] = handler
+            # load the model exactly as a worker will, from the staged archive root
+            encoder = ImageEncoder(EncoderSettings.from_mapping(handler), root)
+        say(f"model {spec.model_class} from {spec.model_file}: layer(s) {handler['layer_name']} resolved"
+            + (", weights loaded" if weights else ""))
+        if encoder.embedding_dim is not None:
+            say(f"one forward pass on {list(spec.input_shape or settings.input_shape or [])}: "
+                f"embedding size {encoder.embedding_dim}")
+
         package_root = os.path.join(work, "package")
         shutil.copytree(os.path.join(HANDLER_DIR, PACKAGE), os.path.join(package_root, PACKAGE),
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         config_path = os.path.join(work, "model-config.yaml")
         with open(config_path, "w") as f:
             yaml.safe_dump(config, f, sort_keys=False)
+        os.makedirs(spec.export_path, exist_ok=True)
+        files = [spec.model_file, *([weights] if weights else []), *spec.extra_files, package_root]
         # The archiver stages files in <gettempdir()>/<name> and deletes it afterwards: two builds of
         # the same name at once (parallel test runs, serve.sh) would delete each other's files.
         shared_tmp, tempfile.tempdir = tempfile.tempdir, work
         try:
             generate_model_archive(ModelArchiverConfig(
-                model_name=name,
+                model_name=spec.name,
                 handler=HANDLER_FILE,
                 version="1.0",
-                extra_files=",".join([*user_files, package_root]),
-                export_path=export_path,
+                extra_files=",".join(files),
+                export_path=spec.export_path,
                 force=True,
                 config_file=config_path,
             ))
         finally:
             tempfile.tempdir = shared_tmp
-    path = os.path.join(export_path, f"{name}.mar")
+    path = os.path.join(spec.export_path, f"{spec.name}.mar")
     say(f"wrote {path}")
     return path
 
@@ -170,7 +255,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-file", required=True, help="the .py file that defines the model")
     parser.add_argument("--model-class", required=True, help="class or factory function in that file")
-    parser.add_argument("--state-dict", help="weights: a torch state_dict file or .safetensors")
+    parser.add_argument("--state-dict", help="weights: a torch state_dict or training checkpoint, .safetensors, "
+                        "or a sharded model.safetensors.index.json (docs/weights.md)")
     parser.add_argument("--layer", required=True, help="dotted submodule name; several joined by commas")
     parser.add_argument("--pooling", default="avg", choices=POOLINGS)
     parser.add_argument("--model-kwargs", default="{}", help="JSON object passed to the class or factory")
@@ -180,6 +266,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--config-file", help="a model-config.yaml with TorchServe keys to merge into")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other handler setting, VALUE read as YAML (e.g. --set normalize=true)")
+    add_weights_arguments(parser)
     parser.add_argument("--name", default="encoder", help="model name: the archive is <name>.mar")
     parser.add_argument("--export-path", default=os.path.join(REPO, "model_store"))
     args = parser.parse_args(argv)
@@ -191,11 +278,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if not sep:
                 raise ConfigError(f"--set {item!r} must look like KEY=VALUE")
             extra[key.strip()] = yaml.safe_load(value)
-        build_archive(
-            args.model_file, args.model_class, args.state_dict, args.layer, args.pooling, kwargs,
-            [p for p in args.extra_files.split(",") if p], args.batch_size, parse_shape(args.input_shape),
-            args.config_file, args.name, args.export_path, extra,
-        )
+        build_archive(ArchiveSpec(
+            args.model_file, args.model_class, args.state_dict, args.layer, pooling=args.pooling,
+            model_kwargs=kwargs, extra_files=[p for p in args.extra_files.split(",") if p],
+            batch_size=args.batch_size, input_shape=parse_shape(args.input_shape), config_file=args.config_file,
+            name=args.name, export_path=args.export_path, settings={**weights_settings(args), **extra},
+        ))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -281,12 +281,12 @@ def run_scenario(server: TorchServe, model: str, inputs: list[ClientInputs], dur
 
 
 def build_example(store: str) -> str:
-    from build_mar import build_archive
+    from build_mar import ArchiveSpec, build_archive
 
     weights = os.path.join(store, "model_state_dict.pth")
     model_file = os.path.join(REPO, "examples", "custom_model", "model.py")
     subprocess.run([sys.executable, model_file, weights], check=True, capture_output=True)
-    build_archive(model_file, "CustomModel", weights, "conv1", name="encoder", export_path=store, quiet=True)
+    build_archive(ArchiveSpec(model_file, "CustomModel", weights, "conv1", name="encoder", export_path=store), quiet=True)
     return weights
 
 

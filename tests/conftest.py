@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from build_mar import build_archive
+from build_mar import ArchiveSpec, build_archive
 from reference import load_reference_model
 from ts_inprocess import InProcessModel
 from ts_server import REPO, TorchServe
@@ -56,8 +56,8 @@ def model_store(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def example_archive(example_files, model_store) -> str:
-    return build_archive(example_files["model_file"], example_files["class"], example_files["state_dict"],
-                         "conv1", input_shape=[3, 224, 224], name="encoder", export_path=model_store, quiet=True)
+    return build_archive(ArchiveSpec(example_files["model_file"], example_files["class"], example_files["state_dict"],
+                         "conv1", input_shape=[3, 224, 224], name="encoder", export_path=model_store), quiet=True)
 
 
 @pytest.fixture(scope="session")

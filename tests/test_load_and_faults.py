@@ -18,7 +18,7 @@ import requests
 import torch
 import yaml
 
-from build_mar import build_archive
+from build_mar import ArchiveSpec, build_archive
 from conftest import java_available, npy_bytes
 from load_test import make_inputs, run_scenario
 from reference import load_reference_model, reference_embeddings
@@ -62,8 +62,8 @@ def picky(tmp_path_factory) -> dict:
     config.write_text(yaml.safe_dump({"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 200,
                                       "responseTimeout": 120}))
     store = tmp_path_factory.mktemp("faults_store")
-    mar = build_archive(str(model_file), "Picky", str(weights), "conv1", config_file=str(config), name="picky",
-                        export_path=str(store), quiet=True)
+    mar = build_archive(ArchiveSpec(str(model_file), "Picky", str(weights), "conv1", config_file=str(config), name="picky",
+                        export_path=str(store)), quiet=True)
     return {"model": model, "mar": mar, "store": str(store)}
 
 

@@ -15,7 +15,7 @@ import pytest
 import requests
 import yaml
 
-from build_mar import build_archive
+from build_mar import ArchiveSpec, build_archive
 from conftest import MODELS_DIR, java_available, npy_bytes
 from reference import load_reference_model, reference_embeddings
 from ts_server import TorchServe
@@ -111,8 +111,8 @@ def batching_server(tmp_path_factory):
     config = folder / "model-config.yaml"
     config.write_text(yaml.safe_dump({"minWorkers": 1, "maxWorkers": 4, "batchSize": 8, "maxBatchDelay": 50,
                                       "responseTimeout": 120}))
-    build_archive(model_file, "NestedNet", weights, LAYER, model_kwargs={"log_batches": True},
-                  config_file=str(config), name=NAME, export_path=str(store), quiet=True)
+    build_archive(ArchiveSpec(model_file, "NestedNet", weights, LAYER, model_kwargs={"log_batches": True},
+                  config_file=str(config), name=NAME, export_path=str(store)), quiet=True)
     server = TorchServe(str(store), f"{NAME}={NAME}.mar")
     try:
         server.start(timeout=240)

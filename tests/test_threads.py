@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from build_mar import build_archive
+from build_mar import ArchiveSpec, build_archive
 from ts_inprocess import InProcessModel
 
 
@@ -31,8 +31,8 @@ def test_worker_threads_follow_max_workers(example_files, tmp_path, restore_thre
     config = tmp_path / "model-config.yaml"
     config.write_text(yaml.safe_dump({"minWorkers": 1, "maxWorkers": workers, "batchSize": 1, "maxBatchDelay": 1}))
     extra = {"num_threads": num_threads} if num_threads else {}
-    mar = build_archive(example_files["model_file"], example_files["class"], example_files["state_dict"], "conv1",
-                        config_file=str(config), name=f"threads{workers}", export_path=str(tmp_path), settings=extra,
+    mar = build_archive(ArchiveSpec(example_files["model_file"], example_files["class"], example_files["state_dict"], "conv1",
+                        config_file=str(config), name=f"threads{workers}", export_path=str(tmp_path), settings=extra),
                         quiet=True)
     torch.set_num_threads(7)  # anything the load must overwrite
     InProcessModel(mar, model_name=f"threads{workers}")

@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .checkpoints import UnwrapOptions
 from .errors import ConfigError, RequestError, bad_request
 from .layer_tap import LayerTap
 from .loading import load_model
@@ -77,6 +78,7 @@ class ImageEncoder:
             settings.model_init_kwargs,
             str(self.device),
             settings.sha256,
+            unwrap_options=UnwrapOptions.from_settings(settings),
         )
         if settings.channels_last:
             model = model.to(memory_format=torch.channels_last)

@@ -47,6 +47,11 @@ class EncoderSettings:
     center_crop: Optional[int] = None
     color_mode: str = "auto"
     input_shape: Optional[Sequence[int]] = None
+    # where the weights sit in a training checkpoint (None: detected; see checkpoints.py)
+    checkpoint_key: Optional[str] = None
+    strip_prefix: Optional[str] = None
+    checkpoint_detect: bool = True
+    keep_weights_dtype: bool = False  # True: run in the weights' dtype instead of casting to the model's
 
     def pass_size(self, device_type: str) -> int:
         """The most images in one forward pass: the setting, else the original's 32 on a GPU and
@@ -123,6 +128,12 @@ class EncoderSettings:
             for dim in self.input_shape:
                 _positive_int("input_shape entries", dim)
         for name in ("normalize", "early_exit", "channels_last", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("checkpoint_key", "strip_prefix"):  # where the weights sit in a checkpoint
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("checkpoint_detect", "keep_weights_dtype"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.sha256 is not None:
