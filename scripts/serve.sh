@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
-# From nothing to a served embedding: make the environment, build the example archive into
+# From nothing to a served embedding: make the environment, build the example into
 # model_store/encoder.mar, start TorchServe with config.properties, wait for /ping, embed one image.
-# Stop the server with: .venv/bin/torchserve --stop
+#   scripts/serve.sh          start (restarting the server this script started before, if any)
+#   scripts/serve.sh --stop   stop the server this script started, and no other
+# TorchServe's `--stop` stops whatever server the pid file in $TMPDIR names. This script gives its
+# server a private TMPDIR (and TEMP, where the worker sockets go) under out/serve/, so stopping
+# it never touches another project's TorchServe.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+STATE="$PWD/out/serve"
+mkdir -p "$STATE/tmp" logs
+export TMPDIR="$STATE/tmp" TEMP="$STATE/tmp"
+stop() { .venv/bin/torchserve --stop >/dev/null 2>&1 || true; }
+if [ "${1:-}" = "--stop" ]; then
+  [ -x .venv/bin/torchserve ] && stop
+  echo "stopped the TorchServe started by scripts/serve.sh (if it was running)"
+  exit 0
+fi
 bash scripts/setup_env.sh
 PY=.venv/bin/python
-mkdir -p build/example logs
+mkdir -p build/example
 $PY examples/custom_model/model.py build/example/model_state_dict.pth >/dev/null
 $PY scripts/build_mar.py --model-file examples/custom_model/model.py --model-class CustomModel \
   --state-dict build/example/model_state_dict.pth --layer conv1 --input-shape 3,224,224 \
   --name encoder --export-path model_store
-.venv/bin/torchserve --stop >/dev/null 2>&1 || true
+stop
 rm -f key_file.json
 # TorchServe keeps its stdout: send it to a file, never to a pipe.
 .venv/bin/torchserve --start --ncs --ts-config config.properties --model-store model_store \
@@ -41,4 +54,4 @@ embedding = np.asarray(r.json()["embeddings"][0])
 print(f"served: POST /predictions/encoder -> embedding of shape {embedding.shape}")
 PY
 echo "TorchServe is running (inference 127.0.0.1:8080, management 127.0.0.1:8081); token in key_file.json."
-echo "Stop it with: .venv/bin/torchserve --stop"
+echo "Stop it with: scripts/serve.sh --stop"
