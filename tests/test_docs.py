@@ -235,10 +235,10 @@ def failure_report(blocks: list[Block], output: str, why: str, scratch: str) -> 
     block = blocks[started[-1]]
     tail = output.split(f"@@@ block {started[-1]}\n", 1)[-1]
     log = ""
-    log_path = os.path.join(scratch, "logs", "torchserve.out")
-    if os.path.exists(log_path):
-        with open(log_path, errors="replace") as f:
-            log = "\n--- logs/torchserve.out (tail)\n" + "".join(f.readlines()[-30:])
+    for rel in ("out/torchserve.out", "logs/model_log.log"):
+        if os.path.exists(os.path.join(scratch, rel)):
+            with open(os.path.join(scratch, rel), errors="replace") as f:
+                log += f"\n--- {rel} (tail)\n" + "".join(f.readlines()[-30:])
     return (f"{block.where()} {why}\n--- the block\n{block.text}--- its output\n{tail[-6000:]}{log}")
 
 
