@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 STATE="$PWD/out/serve"
 mkdir -p "$STATE/tmp" logs
 export TMPDIR="$STATE/tmp" TEMP="$STATE/tmp"
-stop() { .venv/bin/torchserve --stop >/dev/null 2>&1 || true; }
+stop() { .venv/bin/torchserve --stop --foreground >/dev/null 2>&1 || true; }
 if [ "${1:-}" = "--stop" ]; then
   [ -x .venv/bin/torchserve ] && stop
   echo "stopped the TorchServe started by scripts/serve.sh (if it was running)"

@@ -223,7 +223,7 @@ def stop_servers(scratch: str, env: dict) -> None:
     pid_files = glob.glob(os.path.join(scratch, "**", ".model_server.pid"), recursive=True)
     for pid_file in pid_files + glob.glob(os.path.join(env["TMPDIR"], ".model_server.pid")):
         tmp = os.path.dirname(pid_file)
-        subprocess.run([os.path.join(scratch, ".venv", "bin", "torchserve"), "--stop"], cwd=scratch,
+        subprocess.run([os.path.join(scratch, ".venv", "bin", "torchserve"), "--stop", "--foreground"], cwd=scratch,
                        env=dict(env, TMPDIR=tmp, TEMP=tmp), stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, timeout=120)
 
