@@ -213,14 +213,15 @@ def session_script(blocks: list[Block], folder: str, ports: list[str]) -> str:
         path = os.path.join(folder, f"{index:03d}.sh")
         with open(path, "w") as f:
             f.write(text)
-        lines += [f"echo '@@@ block {index}'", f"source {path}"]
-    lines.append("echo '@@@ end'")
+        lines += [f"printf '\\n@@@ block {index}\\n'", f"source {path}"]  # own line, even after curl's output
+    lines.append("printf '\\n@@@ end\\n'")
     return "\n".join(lines) + "\n"
 
 
 def stop_servers(scratch: str, env: dict) -> None:
     """`torchserve --stop` for every pid file the run left, each with its own TMPDIR."""
-    pid_files = glob.glob(os.path.join(scratch, "**", ".model_server.pid"), recursive=True)
+    pid_files = [os.path.join(folder, ".model_server.pid") for folder, _, files in os.walk(scratch)  # not into .venv
+                 if ".model_server.pid" in files]
     for pid_file in pid_files + glob.glob(os.path.join(env["TMPDIR"], ".model_server.pid")):
         tmp = os.path.dirname(pid_file)
         subprocess.run([os.path.join(scratch, ".venv", "bin", "torchserve"), "--stop", "--foreground"], cwd=scratch,
@@ -242,6 +243,44 @@ def failure_report(blocks: list[Block], output: str, why: str, scratch: str) -> 
     return (f"{block.where()} {why}\n--- the block\n{block.text}--- its output\n{tail[-6000:]}{log}")
 
 
+def run_session(blocks: list[Block], tmp_path, ports: list[str], scratch: str, timeout: float = RUN_TIMEOUT) -> str:
+    """Run the blocks in one bash session in `scratch`; returns the output; fails naming the block."""
+    tmp, script_dir = tmp_path / "tmp", tmp_path / "blocks"
+    for folder in (tmp, script_dir):
+        folder.mkdir()
+    script = session_script(blocks, str(script_dir), ports)
+    env = dict(os.environ, TMPDIR=str(tmp), TEMP=str(tmp), PYTHONDONTWRITEBYTECODE="1")
+    log_path = tmp_path / "session.out"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(["bash", "-c", script], cwd=scratch, env=env, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc, why = proc.wait(timeout=timeout), None
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rc, why = proc.wait(), f"did not finish within the whole run's {timeout} s"
+        finally:
+            stop_servers(scratch, env)
+    output = log_path.read_text(errors="replace")
+    if why is None and (rc != 0 or not output.rstrip().endswith("@@@ end")):
+        why = f"failed with exit status {rc}"
+    if why is not None:
+        pytest.fail(failure_report(blocks, output, why, scratch), pytrace=False)
+    return output
+
+
+def test_a_failing_block_is_reported_with_its_file_number_text_and_output(tmp_path):
+    text = "```bash\nWHO=docs\n```\n```python\nprint('python ran')\n```\n```bash\necho \"hello $WHO\"\nfalse\necho never\n```\n"
+    blocks = parse_blocks("docs/x.md", text)
+    os.symlink(os.path.realpath(os.path.join(REPO, ".venv")), tmp_path / ".venv")
+    with pytest.raises(pytest.fail.Exception) as failure:
+        run_session(blocks, tmp_path, free_ports(5), str(tmp_path), timeout=60)
+    report = str(failure.value)
+    assert report.startswith("docs/x.md block 3 (line 7, ```bash) failed with exit status 1"), report
+    assert "echo never" in report and "hello docs" in report and "never\n" not in report.split("its output")[1]
+    assert "python ran" in (tmp_path / "session.out").read_text()
+
+
 @pytest.mark.server
 def test_every_runnable_block_runs_in_order(tmp_path):
     blocks = [b for b in all_blocks() if b.runnable]
@@ -250,27 +289,10 @@ def test_every_runnable_block_runs_in_order(tmp_path):
         for b in skipped:
             print(f"not run until image_embedder.client is in the tree: {b.where()}")
         blocks = [b for b in blocks if b not in skipped]
-    scratch, tmp, script_dir = tmp_path / "repo", tmp_path / "tmp", tmp_path / "blocks"
-    for folder in (scratch, tmp, script_dir):
-        folder.mkdir()
+    scratch = tmp_path / "repo"
+    scratch.mkdir()
     ports = free_ports(5)
     scratch_copy(str(scratch), ports)
-    script = session_script(blocks, str(script_dir), ports)
-    env = dict(os.environ, TMPDIR=str(tmp), TEMP=str(tmp), PYTHONDONTWRITEBYTECODE="1")
-    log_path = tmp_path / "session.out"
     started = time.time()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(["bash", "-c", script], cwd=scratch, env=env, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc, why = proc.wait(timeout=RUN_TIMEOUT), None
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            rc, why = proc.wait(), f"did not finish within the whole run's {RUN_TIMEOUT} s"
-        finally:
-            stop_servers(str(scratch), env)
-    output = log_path.read_text(errors="replace")
+    run_session(blocks, tmp_path, ports, str(scratch))
     print(f"{len(blocks)} blocks ran in {time.time() - started:.0f} s")
-    if why is None and (rc != 0 or "@@@ end" not in output):
-        why = f"failed with exit status {rc}"
-    assert why is None, failure_report(blocks, output, why, str(scratch))
