@@ -213,7 +213,9 @@ def session_script(blocks: list[Block], folder: str, ports: list[str]) -> str:
         path = os.path.join(folder, f"{index:03d}.sh")
         with open(path, "w") as f:
             f.write(text)
-        lines += [f"printf '\\n@@@ block {index}\\n'", f"source {path}"]  # own line, even after curl's output
+        # the marker on its own line, even after curl's output; the seconds so far show slow blocks
+        lines += [f"printf '\\n@@@ block {index}\\n'", f"echo \"[{block.path} block {block.number}, $SECONDS s]\"",
+                  f"source {path}"]
     lines.append("printf '\\n@@@ end\\n'")
     return "\n".join(lines) + "\n"
 
@@ -294,5 +296,6 @@ def test_every_runnable_block_runs_in_order(tmp_path):
     ports = free_ports(5)
     scratch_copy(str(scratch), ports)
     started = time.time()
-    run_session(blocks, tmp_path, ports, str(scratch))
+    output = run_session(blocks, tmp_path, ports, str(scratch))
+    print(output)  # shown with -s: what every block printed
     print(f"{len(blocks)} blocks ran in {time.time() - started:.0f} s")
