@@ -136,6 +136,46 @@ def test_runnable_blocks_are_complete_and_use_the_venv():
     assert not problems, "\n".join(problems)
 
 
+# Docs written on other branches at the same time; until they are merged a link to them may dangle.
+# Once they are all in the tree this set can go.
+WRITTEN_ELSEWHERE = {"docs/api.md", "docs/auth.md", "docs/client.md", "docs/deployment.md", "docs/performance.md",
+                     "docs/weights.md"}
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def prose(text: str) -> str:
+    """The text without its fenced blocks (a `# comment` in a block is no heading, `[a](b)` no link)."""
+    return re.sub(r"^[ \t]*(`{3,}|~{3,}).*?^[ \t]*\1[ \t]*$", "", text, flags=re.M | re.S)
+
+
+def anchors(text: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    text = prose(text)
+    return {re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            for m in re.finditer(r"^#{1,6}\s+(.+)$", text, flags=re.M)}
+
+
+def test_relative_links_point_at_files_and_headings_that_exist():
+    problems = []
+    for rel in doc_files():
+        with open(os.path.join(REPO, rel), encoding="utf-8") as f:
+            text = f.read()
+        for target in LINK.findall(prose(text)):
+            if re.match(r"[a-z]+:", target):
+                continue  # http(s), mailto
+            path, _, anchor = target.partition("#")
+            dest = os.path.normpath(os.path.join(os.path.dirname(rel), path)) if path else rel
+            if not os.path.exists(os.path.join(REPO, dest)):
+                if dest not in WRITTEN_ELSEWHERE:
+                    problems.append(f"{rel}: link to {target}: {dest} does not exist")
+                continue
+            if anchor and dest.endswith(".md"):
+                with open(os.path.join(REPO, dest), encoding="utf-8") as f:
+                    if anchor not in anchors(f.read()):
+                        problems.append(f"{rel}: link to {target}: no heading #{anchor} in {dest}")
+    assert not problems, "\n".join(problems)
+
+
 def test_parser_finds_fences_their_language_and_indented_bodies():
     text = "intro\n```bash\necho 1\n```\n- item\n\n  ```python\n  print(2)\n  ```\n```text\n$ out\n```\n```bash no-run\nkubectl get pods\n```\n"
     blocks = parse_blocks("x.md", text)
