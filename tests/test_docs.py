@@ -206,14 +206,17 @@ def rewrite_ports(text: str, ports: list[str]) -> str:
                   lambda m: f"{m.group(1)}:{ports[PORTS[m.group(2)]]}", text)
 
 
+def tree_files() -> list[str]:
+    """The working tree as git sees it: tracked and untracked-not-ignored files that exist."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            check=True, capture_output=True).stdout.decode().split("\0")
+    return [rel for rel in listed if rel and os.path.isfile(os.path.join(REPO, rel))]  # not deleted ones
+
+
 def scratch_copy(dest: str, ports: list[str]) -> None:
-    """The working tree as git sees it (tracked + untracked-not-ignored), .venv linked, ports free."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           check=True, capture_output=True).stdout.decode().split("\0")
-    for rel in filter(None, files):
+    """A copy of the working tree with .venv linked and config.properties on free ports."""
+    for rel in tree_files():
         src = os.path.join(REPO, rel)
-        if not os.path.isfile(src):  # deleted in the working tree but still in the index
-            continue
         os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
         shutil.copy2(src, os.path.join(dest, rel), follow_symlinks=False)
     os.symlink(os.path.realpath(os.path.join(REPO, ".venv")), os.path.join(dest, ".venv"))
@@ -228,7 +231,7 @@ def scratch_copy(dest: str, ports: list[str]) -> None:
 
 def client_is_shipped() -> bool:
     """The Python client is written on another branch; until it is part of the tree its blocks wait."""
-    return bool(glob.glob(os.path.join(REPO, "**", "image_embedder", "client*"), recursive=True))
+    return any(re.search(r"(^|/)image_embedder/client(\.py|/)", rel) for rel in tree_files())
 
 
 SESSION_PREAMBLE = """set -euo pipefail
