@@ -28,7 +28,7 @@ from ts_server import TorchServe
 CLIENTS = 16
 BATCH_SIZE = 8  # this test archive's batchSize: the requests in one batch a worker runs
 CLIENT_TIMEOUT_S = 45.0  # far above any answered request here (max seen 7 s); bounds a lost one
-RECOVERY_BOUND_S = 60.0  # stated in the README (Reliability); measured figures are far below it
+RECOVERY_BOUND_S = 60.0  # stated in docs/reliability.md; measured figures are far below it
 LOST_WITH_WORKER = ("Worker died", "Worker scaled down")  # TorchServe's messages for a stopped worker's jobs
 
 PICKY = textwrap.dedent('''
