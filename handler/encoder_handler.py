@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from http import HTTPStatus
 from typing import Any, Optional, Union
 
@@ -28,7 +28,7 @@ from image_embedder.errors import RequestError
 from image_embedder.image_decoding import ImageDecoder
 from image_embedder.kserve_v2 import HEADER_LENGTH
 from image_embedder.request_decoding import (
-    DecodedRequest, accepted_content_types, check_no_part_dropped, check_request_limits, decode_multipart,
+    DecodedRequest, Describe, accepted_content_types, check_no_part_dropped, check_request_limits, decode_multipart,
     decode_request, request_body,
 )
 from image_embedder.response_encoding import JSON_TYPE, EncodedResponse, encode_response
@@ -36,11 +36,6 @@ from image_embedder.settings import EncoderSettings
 from image_embedder.worker_threads import WorkerThreads
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Describe:
-    """A request with the `describe: true` header: answered with what is served, no embedding."""
 
 
 Decoded = Union[DecodedRequest, RequestError, Describe]

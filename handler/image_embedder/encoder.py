@@ -188,6 +188,7 @@ class ImageEncoder:
                 batch = self.prepare([requests[r][p] for r, p in members])
                 embeddings = self.embed_prepared(batch)
             except RequestError as exc:
+                exc = RequestError(exc.status, exc.kind, exc.message + hwc_hint(shape)) if hwc_hint(shape) else exc
                 failures.update({r: exc for r, _ in members})
                 continue
             except torch.OutOfMemoryError as exc:

@@ -43,6 +43,11 @@ class DecodedRequest:
         return sum(len(a) for a in self.images)
 
 
+@dataclass(frozen=True)
+class Describe:
+    """A request with the `describe: true` header: answered with what is served, no embedding."""
+
+
 ImageDecoder = Callable[[Any, str], Optional[list[np.ndarray]]]
 
 
