@@ -107,7 +107,7 @@ def _json_numbers(data: Any, dtype: np.dtype, count: int, where: str) -> np.ndar
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise bad_request(f"{where} is not a rectangular list of numbers: {exc}", "InvalidJson") from exc
     if values.size != count:
-        raise bad_request(f"{where} holds {values.size} values but the shape needs {count}", KIND)
+        raise bad_request(f"{where}: shape needs {count} values but data holds {values.size}", KIND)
     if dtype == np.uint8 and values.size and (
         not np.isfinite(values).all() or (values % 1).any() or values.min() < 0 or values.max() > 255
     ):
@@ -236,7 +236,7 @@ def decode(payload: Any, binary: Optional[memoryview], check: Check, decode_imag
             if not dtype.isnative:
                 array = array.astype(dtype.newbyteorder("="))
         else:
-            array = _json_numbers(tensor["data"], dtype, count, f"{where}.data")
+            array = _json_numbers(tensor["data"], dtype, count, f"{where}.shape {shape}")
         images.append(check(array.reshape(shape), where))
     if offset != len(section):
         raise bad_request(
