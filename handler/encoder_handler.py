@@ -118,7 +118,9 @@ class EmbeddingHandler(BaseHandler):
                 check_request_limits(request, s.max_images_per_request, s.max_batch_pixels)
                 decoded.append(replace(request, accept=_text(headers, "accept")))
             except RequestError as exc:
-                decoded.append(exc)
+                body = request_body(row or {})
+                v2 = HEADER_LENGTH in headers or (isinstance(body, dict) and "inputs" in body)
+                decoded.append(exc.for_kserve_v2() if v2 else exc)
             except Exception as exc:  # a decoder bug must still cost only this request
                 logger.exception("decoding request %d failed", idx)
                 decoded.append(RequestError(500, "InternalError", f"decoding failed: {type(exc).__name__}: {exc}"))
@@ -141,7 +143,8 @@ class EmbeddingHandler(BaseHandler):
         out = []
         for idx, (result, request) in enumerate(zip(results, decoded)):
             if isinstance(result, RequestError):
-                answer = self._error(idx, result)
+                v2 = isinstance(request, DecodedRequest) and request.protocol == "kserve_v2"
+                answer = self._error(idx, result.for_kserve_v2() if v2 else result)
             elif isinstance(result, Describe):
                 answer = EncodedResponse(json.dumps(self.describe(), separators=(",", ":")).encode("utf-8"), JSON_TYPE)
             else:

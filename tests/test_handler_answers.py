@@ -176,3 +176,14 @@ def test_hwc_array_gets_the_transpose_hint(plain, example_service):
     assert "looks like (H,W,C): send (C,H,W)" in resp.json()["message"]
     [resp] = example_service.predict([Request(npy_bytes(images(9, (4, 224, 224))))])  # a real (C,H,W): no hint
     assert resp.status == 422 and "transpose" not in resp.json()["message"]
+
+
+def test_v2_refusals_also_carry_error_for_kserve_clients(plain):
+    """tritonclient reads a refusal's message from `error`; other protocols keep {"code", "type", "message"}."""
+    bad_v2 = json.dumps({"inputs": [{"name": "x", "shape": [1, 3, 4, 4], "datatype": "INT64", "data": [0] * 48}]}).encode()
+    hwc_v2 = json.dumps({"inputs": [{"name": "x", "shape": [1, 4, 4, 3], "datatype": "FP32", "data": [0.5] * 48}]}).encode()
+    v2, v2_late, npy = plain.predict([Request(bad_v2, "application/json"), Request(hwc_v2, "application/json"),
+                                      Request(npy_bytes(images(10, (1, 4, 4, 3))))])
+    assert v2.status == 400 and v2.json()["error"] == v2.json()["message"] and "INT64" in v2.json()["error"]
+    assert v2_late.status == 400 and v2_late.json()["error"] == v2_late.json()["message"]  # refused after decoding
+    assert npy.status == 400 and set(npy.json()) == {"code", "type", "message"}  # same shape group, no `error`

@@ -178,12 +178,22 @@ def test_concurrent_tritonclient_requests_batched_together(torchserve, conv1_mod
         np.testing.assert_allclose(result.as_numpy("embedding"), reference_embeddings(conv1_model, "conv1", x), atol=1e-5)
 
 
-def test_malformed_binary_body_is_a_400_tritonclient_reports(torchserve):
+def test_refusals_reach_tritonclient_with_their_message(torchserve):
     header = b'{"inputs":[{"name":"x","shape":[1,3,8,8],"datatype":"FP32","parameters":{"binary_data_size":768}}]}'
     response = requests.post(f"{torchserve.inference_url}/v2/models/encoder/infer", data=header + b"\0" * 700,
                              headers=torchserve.headers(**{"Inference-Header-Content-Length": str(len(header))}),
                              timeout=120)
     assert response.status_code == 400 and "runs past the body" in response.json()["message"]
+    tensor = triton.InferInput("x", [1, 3, 8, 8], "INT64")
+    tensor.set_data_from_numpy(np.zeros((1, 3, 8, 8), np.int64))
+    client = triton_client(torchserve)
+    try:
+        with pytest.raises(triton.InferenceServerException) as info:
+            client.infer("encoder", [tensor], headers=torchserve.headers())
+    finally:
+        client.close()
+    assert info.value.status() == "400"
+    assert "datatype 'INT64' is not supported" in info.value.message(), info.value.message()
 
 
 def test_form_urlencoded_bodies(torchserve):
