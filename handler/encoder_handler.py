@@ -20,6 +20,7 @@ from http import HTTPStatus
 from typing import Any, Optional, Union
 
 import numpy as np
+import torch
 from ts.handler_utils.timer import timed
 from ts.torch_handler.base_handler import BaseHandler
 
@@ -80,8 +81,13 @@ class EmbeddingHandler(BaseHandler):
         logger.info("image encoder ready: %s", json.dumps(self.describe()))
 
     def describe(self) -> dict:
-        """The engine's description plus what this server accepts."""
-        return {**self.encoder.describe(), "content_types": accepted_content_types(self.image_decoder is not None)}
+        """The engine's description, what this server accepts, and this worker's process and threads."""
+        return {
+            **self.encoder.describe(),
+            "content_types": accepted_content_types(self.image_decoder is not None),
+            "worker": {"pid": os.getpid(), "torch_threads": torch.get_num_threads(),
+                       "live_workers": self.threads.workers if self.threads is not None else None},
+        }
 
     # -- the three steps ---------------------------------------------------------------------
     def _decode(self, row: dict, headers: dict[str, Any]) -> DecodedRequest:
