@@ -172,6 +172,63 @@ def _binary_output(payload: dict) -> bool:
     return binary
 
 
+def _tensor(tensor: Any, where: str, section: Optional[memoryview], offset: int, check: Check,
+            decode_image: Optional[DecodeImage]) -> tuple[list[np.ndarray], int]:
+    """One input's image batches, and how many bytes of the binary section it used (from `offset`)."""
+    if not isinstance(tensor, dict):
+        raise bad_request(f"{where} must be an object with name, shape, datatype and data", KIND)
+    shape, datatype = tensor.get("shape"), tensor.get("datatype")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise bad_request(f"{where}.shape must be a list of integers, got {shape!r}", KIND)
+    if any(d <= 0 for d in shape):
+        raise bad_request(f"{where}.shape {shape} has a zero or negative dimension", KIND)
+    if datatype not in SUPPORTED:
+        raise bad_request(
+            f"{where}.datatype {datatype!r} is not supported; use one of {', '.join(SUPPORTED)}", "UnsupportedDtype"
+        )
+    count = math.prod(shape)
+    parameters = tensor.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise bad_request(f"{where}.parameters must be an object", KIND)
+    raw: Optional[memoryview] = None
+    if "binary_data_size" in parameters:
+        size = _non_negative_int(parameters["binary_data_size"], f"{where}.parameters.binary_data_size")
+        if "data" in tensor:
+            raise bad_request(f"{where} has both data and binary_data_size; send one", KIND)
+        if section is None:
+            raise bad_request(
+                f"{where} has binary_data_size but the request has no Inference-Header-Content-Length header "
+                "saying where its binary section starts", KIND,
+            )
+        if offset + size > len(section):
+            raise bad_request(
+                f"{where}.binary_data_size {size} runs past the body: {len(section) - offset} bytes remain "
+                "after the JSON header and the inputs before it", KIND,
+            )
+        raw = section[offset: offset + size]
+    elif "data" not in tensor:
+        raise bad_request(f"{where} has neither data nor parameters.binary_data_size", KIND)
+    used = 0 if raw is None else len(raw)
+    if datatype == "BYTES":
+        items = _bytes_elements(raw, count, where) if raw is not None else _base64_elements(tensor["data"], count, f"{where}.data")
+        if decode_image is None:
+            raise RequestError(415, "ImagesUnsupported", f"{where}: this server does not decode images")
+        return [a for j, item in enumerate(items) for a in decode_image(item, f"{where}[{j}]")], used
+    dtype = TENSOR_DTYPES[datatype]
+    if raw is None:
+        array = _json_numbers(tensor["data"], dtype, count, f"{where}.shape {shape}")
+    elif len(raw) != count * dtype.itemsize:
+        raise bad_request(
+            f"{where}: shape {shape} of {datatype} needs {count * dtype.itemsize} bytes but binary_data_size "
+            f"is {len(raw)}", KIND,
+        )
+    else:
+        array = np.frombuffer(raw, dtype=dtype, count=count)
+        if not dtype.isnative:
+            array = array.astype(dtype.newbyteorder("="))
+    return [check(array.reshape(shape), where)], used
+
+
 def decode(payload: Any, binary: Optional[memoryview], check: Check, decode_image: Optional[DecodeImage]) -> V2Request:
     """A v2 request's images, in input order; `binary` is the section after the JSON header (None: JSON only)."""
     if not isinstance(payload, dict):
@@ -179,68 +236,16 @@ def decode(payload: Any, binary: Optional[memoryview], check: Check, decode_imag
     inputs = payload.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise bad_request('KServe v2 body needs a non-empty "inputs" list', KIND)
-    section = binary if binary is not None else memoryview(b"")
     offset = 0
     images: list[np.ndarray] = []
     for i, tensor in enumerate(inputs):
-        where = f"inputs[{i}]"
-        if not isinstance(tensor, dict):
-            raise bad_request(f"{where} must be an object with name, shape, datatype and data", KIND)
-        shape, datatype = tensor.get("shape"), tensor.get("datatype")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-            raise bad_request(f"{where}.shape must be a list of integers, got {shape!r}", KIND)
-        if any(d <= 0 for d in shape):
-            raise bad_request(f"{where}.shape {shape} has a zero or negative dimension", KIND)
-        if datatype not in SUPPORTED:
-            raise bad_request(
-                f"{where}.datatype {datatype!r} is not supported; use one of {', '.join(SUPPORTED)}", "UnsupportedDtype"
-            )
-        count = math.prod(shape)
-        parameters = tensor.get("parameters") or {}
-        if not isinstance(parameters, dict):
-            raise bad_request(f"{where}.parameters must be an object", KIND)
-        raw: Optional[memoryview] = None
-        if "binary_data_size" in parameters:
-            size = _non_negative_int(parameters["binary_data_size"], f"{where}.parameters.binary_data_size")
-            if "data" in tensor:
-                raise bad_request(f"{where} has both data and binary_data_size; send one", KIND)
-            if binary is None:
-                raise bad_request(
-                    f"{where} has binary_data_size but the request has no Inference-Header-Content-Length header "
-                    "saying where its binary section starts", KIND,
-                )
-            if offset + size > len(section):
-                raise bad_request(
-                    f"{where}.binary_data_size {size} runs past the body: {len(section) - offset} bytes remain "
-                    f"after the JSON header and the inputs before it", KIND,
-                )
-            raw = section[offset: offset + size]
-            offset += size
-        elif "data" not in tensor:
-            raise bad_request(f"{where} has neither data nor parameters.binary_data_size", KIND)
-        if datatype == "BYTES":
-            items = _bytes_elements(raw, count, where) if raw is not None else _base64_elements(tensor["data"], count, f"{where}.data")
-            if decode_image is None:
-                raise RequestError(415, "ImagesUnsupported", f"{where}: this server does not decode images")
-            for j, item in enumerate(items):
-                images.extend(decode_image(item, f"{where}[{j}]"))
-            continue
-        dtype = TENSOR_DTYPES[datatype]
-        if raw is not None:
-            if len(raw) != count * dtype.itemsize:
-                raise bad_request(
-                    f"{where}: shape {shape} of {datatype} needs {count * dtype.itemsize} bytes but binary_data_size "
-                    f"is {len(raw)}", KIND,
-                )
-            array = np.frombuffer(raw, dtype=dtype, count=count)
-            if not dtype.isnative:
-                array = array.astype(dtype.newbyteorder("="))
-        else:
-            array = _json_numbers(tensor["data"], dtype, count, f"{where}.shape {shape}")
-        images.append(check(array.reshape(shape), where))
-    if offset != len(section):
+        batches, used = _tensor(tensor, f"inputs[{i}]", binary, offset, check, decode_image)
+        images.extend(batches)
+        offset += used
+    available = len(binary) if binary is not None else 0
+    if offset != available:
         raise bad_request(
-            f"the binary section holds {len(section)} bytes but the inputs' binary_data_size add up to {offset}", KIND
+            f"the binary section holds {available} bytes but the inputs' binary_data_size add up to {offset}", KIND
         )
     request_id = payload.get("id")
     return V2Request(images, request_id if isinstance(request_id, str) else None, _binary_output(payload))
