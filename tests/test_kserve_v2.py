@@ -1,6 +1,8 @@
-"""KServe v2 (Open Inference Protocol) bodies sent straight to our handler on /predictions/<name>:
-single and batched tensors, several inputs, UINT8, ids echoed, many concurrent requests that
-TorchServe batches together; every answer checked against tests/reference.py."""
+"""KServe v2 (Open Inference Protocol) against a real TorchServe: JSON bodies on /predictions/<name>
+(single and batched tensors, several inputs, UINT8, ids echoed, concurrent requests batched together),
+then NVIDIA's tritonclient itself, binary tensor data in and out, on TorchServe's /v2/models/<name>/infer
+route and on /predictions; every answer checked against tests/reference.py."""
+import io
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -8,6 +10,8 @@ import numpy as np
 import pytest
 import requests
 import torch
+import tritonclient.http as triton
+from PIL import Image
 
 from reference import reference_embeddings
 
@@ -91,10 +95,6 @@ def test_bad_v2_bodies_are_clear_400s(torchserve):
 
 
 # -- the binary tensor extension, with NVIDIA's tritonclient itself ---------------------------------
-import io  # noqa: E402
-
-import tritonclient.http as triton  # noqa: E402
-from PIL import Image  # noqa: E402
 
 
 def triton_inputs(array, binary_in):
