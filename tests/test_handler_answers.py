@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.http as triton
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from build_mar import build_archive
@@ -187,3 +189,25 @@ def test_v2_refusals_also_carry_error_for_kserve_clients(plain):
     assert v2.status == 400 and v2.json()["error"] == v2.json()["message"] and "INT64" in v2.json()["error"]
     assert v2_late.status == 400 and v2_late.json()["error"] == v2_late.json()["message"]  # refused after decoding
     assert npy.status == 400 and set(npy.json()) == {"code", "type", "message"}  # same shape group, no `error`
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(0, 200), flip=st.tuples(st.integers(0, 10**6), st.integers(0, 255)),
+       delta=st.integers(-20, 20))
+def test_fuzz_binary_bodies_through_the_worker(plain, example_model, cut, flip, delta):
+    """A mutated tritonclient body between two good requests: it gets a 200 or its own 4xx, they get their rows."""
+    x = images(11, (1, 3, 16, 16))
+    tensor = triton.InferInput("pixels", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=True)
+    body, length = triton.InferenceServerClient.generate_request_body([tensor])
+    mutated = bytearray(body[: len(body) - cut])
+    if mutated:
+        mutated[flip[0] % len(mutated)] = flip[1]
+    first, fuzzed, last = plain.predict([Request(npy_bytes(x)), Request(bytes(mutated), "",
+                                         {"Inference-Header-Content-Length": length + delta}), Request(npy_bytes(x))])
+    assert fuzzed.status == 200 or 400 <= fuzzed.status < 500, (fuzzed.status, fuzzed.body[:200])
+    if fuzzed.status != 200:
+        assert fuzzed.json()["message"] and fuzzed.json()["error"] == fuzzed.json()["message"]
+    want = expected(example_model, x)
+    for resp in (first, last):
+        np.testing.assert_allclose(np.asarray(resp.json()["embeddings"], np.float32), want, atol=1e-5)
