@@ -34,7 +34,7 @@ from image_embedder.request_decoding import (
 )
 from image_embedder.response_encoding import JSON_TYPE, EncodedResponse, encode_response
 from image_embedder.settings import EncoderSettings
-from image_embedder.worker_threads import WorkerThreads
+from image_embedder.worker_threads import WorkerThreads, threads_per_worker
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +71,12 @@ class EmbeddingHandler(BaseHandler):
         self.threads: Optional[WorkerThreads] = None
         if settings.num_threads is None and self.device.type == "cpu":
             # Each worker is its own process; workers come and go with scaling: each keeps its share.
-            self.threads = WorkerThreads(os.path.join(model_dir, ".workers"))
-            self.threads.refresh()
+            try:
+                self.threads = WorkerThreads(os.path.join(model_dir, ".workers"))
+                self.threads.refresh()
+            except OSError:  # a read-only model folder: size from maxWorkers once, as TorchServe will start them
+                logger.warning("cannot write %s/.workers; torch threads sized from maxWorkers", model_dir)
+                torch.set_num_threads(threads_per_worker(int(model_config.get("maxWorkers") or 1)))
         self.encoder = ImageEncoder(settings, model_dir, self.device)
         self.model = self.encoder.model
         self.image_decoder = ImageDecoder.from_settings(settings)

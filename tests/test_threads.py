@@ -90,3 +90,28 @@ def test_explicit_num_threads_wins(example_files, tmp_path, restore_threads):
     assert model.service._entry_point.__self__.threads is None
     embed_once(model)
     assert torch.get_num_threads() == 3
+
+
+def test_read_only_model_folder_falls_back_to_max_workers(example_files, tmp_path, restore_threads, monkeypatch):
+    """A worker that can't leave its pid (read-only model folder) still loads, sized from maxWorkers."""
+    import yaml
+
+    config = tmp_path / "model-config.yaml"
+    config.write_text(yaml.safe_dump({"minWorkers": 1, "maxWorkers": 64, "batchSize": 1, "maxBatchDelay": 1}))
+    mar = build_archive(example_files["model_file"], example_files["class"], example_files["state_dict"], "conv1",
+                        name="threads_ro", export_path=str(tmp_path), config_file=str(config), quiet=True)
+
+    makedirs = os.makedirs
+
+    def refuse_workers_folder(path, *args, **kwargs):
+        if str(path).endswith(".workers"):
+            raise PermissionError(f"read-only file system: {path}")
+        return makedirs(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "makedirs", refuse_workers_folder)
+    torch.set_num_threads(7)
+    model = InProcessModel(mar, model_name="threads_ro")
+    monkeypatch.undo()
+    assert model.service._entry_point.__self__.threads is None
+    assert torch.get_num_threads() == 1  # 64 workers' share of any machine with fewer than 128 cores
+    embed_once(model)

@@ -2,10 +2,12 @@
 
 Accepted bodies:
 - .npy bytes (application/x-npy or application/octet-stream): one image (C,H,W) or a batch (N,C,H,W);
-- JSON `{"data": nested list}`, KServe v1 `{"instances": [...]}`, KServe v2 `{"inputs": [...]}`;
+- JSON `{"data": nested list}`, KServe v1 `{"instances": [...]}`, KServe v2 `{"inputs": [...]}`, and
+  KServe v2 binary (a JSON header + tensor bytes, with Inference-Header-Content-Length; see kserve_v2);
 - encoded images (PNG/JPEG), when an image decoder is plugged in (see `image_decoding`): one as the
   body, several as multipart/form-data (one part each) or JSON `{"images": ["<base64>", ...]}`.
 Values become float32 later, unscaled unless the settings ask for scale/mean/std.
+A form body (application/x-www-form-urlencoded, curl's default) is a 415 naming the Content-Type to send.
 """
 from __future__ import annotations
 
