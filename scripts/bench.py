@@ -29,7 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -206,8 +206,8 @@ def handler_breakdown(encoder: ImageEncoder, repeats: int) -> dict[str, float]:
     out = {
         "decode (.npy view + checks)": best(lambda: check_request_limits(decode_request(body, NPY), 1024, 32 * 3 * 512 * 512)),
         "prepare (uint8->float32, scale/mean/std)": best(lambda: encoder.prepare(request.images)),
-        "encode response .npy": best(lambda: encode_response(embeddings, request, "m", NPY)),
-        "encode response JSON": best(lambda: encode_response(embeddings, request, "m", None)),
+        "encode response .npy": best(lambda: encode_response(embeddings, replace(request, accept=NPY), "m")),
+        "encode response JSON": best(lambda: encode_response(embeddings, replace(request, accept=None), "m")),
         "forward+hook+pool": best(lambda: encoder.embed_prepared(batch)),
     }
     out["zero_copy_npy"] = float(zero_copy)

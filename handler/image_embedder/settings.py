@@ -15,6 +15,9 @@ from .errors import ConfigError
 POOLINGS = ("avg", "max", "none", "cls", "gem")
 DTYPES = ("float32", "bfloat16", "float16")
 COLOR_MODES = ("auto", "RGB", "L")
+# Keys TorchServe itself reads from the same `handler:` section (ts/handler_utils/timer.py's @timed reads
+# `profile`): accepted here and left for TorchServe, never refused as typos.
+TORCHSERVE_HANDLER_KEYS = ("profile",)
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ class EncoderSettings:
     @classmethod
     def from_mapping(cls, raw: Optional[Mapping[str, Any]]) -> "EncoderSettings":
         """Check and convert a raw mapping (parsed YAML) into settings."""
-        raw = dict(raw or {})
+        raw = {k: v for k, v in dict(raw or {}).items() if k not in TORCHSERVE_HANDLER_KEYS}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
