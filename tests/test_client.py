@@ -1,0 +1,232 @@
+"""image_embedder.client: inputs it takes, what it retries (against a scripted server), and a real
+TorchServe: every input kind against tests/reference.py, describe(), and a stream through a killed
+worker and a scale-down with nothing lost and nothing wrong."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import java_available
+from image_embedder.client import EmbeddingClient, EmbeddingError, TokenError, encode_batch, flatten_images
+from load_test import kill_worker, scale, wait_for_replacement, workers
+from reference import reference_embeddings
+from ts_server import REPO, TorchServe
+
+WORKER_DIED = b'{"code": 500, "type": "InternalServerException", "message": "Worker died."}'
+
+
+def test_imports_without_torch_or_torchserve():
+    """The client runs where only numpy and requests are installed."""
+    code = ("import sys\nfor name in ('torch', 'ts', 'PIL'):\n    sys.modules[name] = None\n"
+            "from image_embedder.client import EmbeddingClient\nprint('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.join(REPO, "handler"), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_inputs_flatten_to_one_entry_per_image(tmp_path):
+    batch = np.zeros((2, 3, 4, 4), np.float32)
+    np.save(tmp_path / "b.npy", np.ones((3, 3, 4, 4), np.uint8))
+    (tmp_path / "a.png").write_bytes(b"\x89PNG\r\n\x1a\nfake")
+    items = flatten_images([batch, np.zeros((3, 5, 5)), str(tmp_path / "b.npy"), tmp_path / "a.png", b"\xff\xd8\xffx"])
+    assert [getattr(i, "shape", None) for i in items] == [(3, 4, 4)] * 2 + [(3, 5, 5)] + [(3, 4, 4)] * 3 + [None] * 2
+    assert items[-2].startswith(b"\x89PNG") and items[-1] == b"\xff\xd8\xffx"
+    assert len(flatten_images(np.zeros((3, 8, 8)))) == 1
+    with pytest.raises(ValueError, match=r"shape \(8, 8\).*\(C,H,W\)"):
+        flatten_images(np.zeros((8, 8)))
+    with pytest.raises(TypeError, match=r"images\[0\] is a int"):
+        flatten_images([3])
+
+
+def test_wire_format_uint8_when_exact_float32_otherwise():
+    """Whole numbers in 0..255 go as uint8, floats as float32; mixed shapes go as multipart parts."""
+    def body_array(kwargs):
+        return np.load(io.BytesIO(kwargs["data"]), allow_pickle=False)
+
+    ints = np.arange(2 * 3 * 2 * 2).reshape(2, 3, 2, 2)  # int64 0..23
+    sent = body_array(encode_batch(list(ints)))
+    assert sent.dtype == np.uint8 and (sent == ints).all()
+    assert body_array(encode_batch([np.full((3, 2, 2), 300)])).dtype == np.float32
+    assert body_array(encode_batch([np.zeros((3, 2, 2), np.float64)])).dtype == np.float32
+    parts = encode_batch([np.zeros((3, 2, 2), np.uint8), np.zeros((3, 4, 4), np.uint8), b"\x89PNG\r\n\x1a\nx"])["files"]
+    assert [(p[0], p[1][2]) for p in parts] == [("i0", "application/x-npy"), ("i1", "application/x-npy"),
+                                                ("i2", "image/png")]
+
+
+class Scripted(BaseHTTPRequestHandler):
+    """Plays `answers` in order ("reset": drop the connection; "slow": answer after the client's
+    timeout; (status, body)), then answers a (n, 2) .npy of 7s; records each request's size."""
+
+    answers: list = []
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        n = len(np.load(io.BytesIO(body), allow_pickle=False))
+        type(self).seen.append((self.headers.get("Authorization"), self.headers.get("Accept"), n))
+        answer = type(self).answers.pop(0) if type(self).answers else None
+        if answer == "reset":
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            self.connection.close()
+            return
+        if answer == "slow":
+            Scripted.release.wait(10)  # held until the client has given up on it
+        if answer not in (None, "slow"):
+            status, text = answer
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(text)))
+            self.end_headers()
+            self.wfile.write(text)
+            return
+        buf = io.BytesIO()
+        np.save(buf, np.full((n, 2), 7, np.float32))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-npy")
+        self.send_header("Content-Length", str(len(buf.getvalue())))
+        self.end_headers()
+        self.wfile.write(buf.getvalue())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def scripted():
+    Scripted.answers, Scripted.seen, Scripted.release = [], [], threading.Event()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    Scripted.release.set()
+    server.shutdown()
+    server.server_close()
+
+
+def test_retries_what_is_safe_and_nothing_else(scripted, tmp_path):
+    (tmp_path / "key_file.json").write_text(json.dumps({"inference": {"key": "k1"}}))
+    client = EmbeddingClient(scripted, "m", key_file=str(tmp_path / "key_file.json"), retries=6, backoff=0.01,
+                             timeout=1.0)
+    Scripted.answers = [(503, b"busy"), (500, WORKER_DIED), "reset", (507, b"oom"), "slow"]
+    got = client.embed(np.zeros((3, 3, 4, 4), np.uint8))
+    np.testing.assert_array_equal(got, np.full((3, 2), 7, np.float32))
+    assert Scripted.seen == [("Bearer k1", "application/x-npy", 3)] * 6  # the same batch, six times
+    Scripted.answers = [(503, b"busy")] * 3
+    with pytest.raises(EmbeddingError, match="HTTP 503"):  # out of retries: a clear error
+        EmbeddingClient(scripted, "m", retries=2, backoff=0.01).embed(np.zeros((3, 4, 4)))
+    Scripted.answers, Scripted.seen = [(500, b'{"code": 500, "message": "decoding failed"}')], []
+    with pytest.raises(EmbeddingError, match="HTTP 500.*decoding failed"):  # a real server error: not retried
+        client.embed(np.zeros((3, 4, 4)))
+    assert len(Scripted.seen) == 1
+
+
+def test_large_inputs_go_in_batches_in_order(scripted):
+    client = EmbeddingClient(scripted, "m", batch_size=4)
+    assert client.embed(np.zeros((10, 3, 2, 2), np.uint8)).shape == (10, 2)
+    assert [n for _, _, n in Scripted.seen] == [4, 4, 2]
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        EmbeddingClient(scripted, "m", batch_size=0)
+
+
+# --- a real TorchServe ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def client_server(example_archive, tmp_path_factory):
+    """A private server (this module scales and kills its workers), serving the example as `encoder`."""
+    if not java_available():
+        pytest.fail("TorchServe needs Java 17")
+    store = tmp_path_factory.mktemp("client_store")
+    shutil.copy(example_archive, store / "encoder.mar")
+    server = TorchServe(str(store), "encoder=encoder.mar")
+    server.start(timeout=240)
+    server.wait_for_workers("encoder", timeout=240)
+    yield server
+    server.cleanup()
+
+
+def key_file(server) -> str:
+    return os.path.join(server.workdir, "key_file.json")
+
+
+@pytest.mark.server
+def test_every_input_kind_matches_the_reference(client_server, example_model, tmp_path):
+    rng = np.random.default_rng(90)
+    floats = rng.normal(size=(5, 3, 224, 224)).astype(np.float32)
+    pixels = rng.integers(0, 256, (3, 224, 224, 3)).astype(np.uint8)  # HWC images, saved as PNG/JPEG
+    Image.fromarray(pixels[0]).save(tmp_path / "a.png")
+    np.save(tmp_path / "b.npy", pixels[1].transpose(2, 0, 1))
+    png = io.BytesIO()
+    Image.fromarray(pixels[2]).save(png, "PNG")
+    client = EmbeddingClient(client_server.inference_url, "encoder", key_file=key_file(client_server), batch_size=2)
+    got = client.embed(floats)  # 3 requests of .npy float32
+    assert got.dtype == np.float32 and got.shape == (5, 10)
+    np.testing.assert_allclose(got, reference_embeddings(example_model, "conv1", floats), atol=1e-5)
+    mixed = client.embed([str(tmp_path / "a.png"), tmp_path / "b.npy", png.getvalue(), floats[0]])
+    chw = pixels.transpose(0, 3, 1, 2).astype(np.float32)  # the example archive feeds pixel values as they are
+    np.testing.assert_allclose(mixed[:3], reference_embeddings(example_model, "conv1", chw), atol=1e-4)
+    np.testing.assert_allclose(mixed[3], got[0], atol=1e-5)
+    described = client.describe()
+    assert described["layer_name"] == "conv1" and described["embedding_dim"] == 10
+    with pytest.raises(TokenError, match="token refused.*wrong or has expired"):
+        EmbeddingClient(client_server.inference_url, "encoder", token="wrong").embed(floats[0])
+    with pytest.raises(EmbeddingError, match="HTTP 400"):  # a bad image is the caller's error, not retried
+        client.embed([b"\x89PNG\r\n\x1a\ntruncated"])
+
+
+@pytest.mark.server
+def test_stream_through_a_killed_worker_and_a_scale_down(client_server, example_model):
+    """Four threads embed distinct batches while a worker is SIGKILLed and 2 workers scale down to 1:
+    every batch answered, every row equal to the reference."""
+    threads, per_thread = 4, 10
+    rng = np.random.default_rng(91)
+    inputs = [[rng.normal(size=(2, 3, 224, 224)).astype(np.float32) for _ in range(per_thread)]
+              for _ in range(threads)]
+    # a timeout well above any answer here: a request TorchServe leaves unanswered while stopping a worker
+    # (tests/test_load_and_faults.py) is sent again instead of hanging
+    client = EmbeddingClient(client_server.inference_url, "encoder", key_file=key_file(client_server),
+                             timeout=30, retries=8, backoff=0.2)
+    results: dict = {}
+    done = threading.Semaphore(0)
+    errors: list = []
+
+    def stream(t: int) -> None:
+        for i, batch in enumerate(inputs[t]):
+            try:
+                results[t, i] = client.embed(batch)
+            except Exception as exc:  # recorded, asserted below
+                errors.append((t, i, repr(exc)))
+            done.release()
+
+    def wait_done(count: int) -> None:  # until `count` more batches have finished
+        for _ in range(count):
+            assert done.acquire(timeout=300), "the stream stalled"
+
+    scale(client_server, "encoder", 2)
+    pool = [threading.Thread(target=stream, args=(t,)) for t in range(threads)]
+    for thread in pool:
+        thread.start()
+    try:
+        wait_done(4)
+        pid, _ = kill_worker(client_server, "encoder")
+        wait_for_replacement(client_server, "encoder", pid)
+        wait_done(4)
+        scale(client_server, "encoder", 1)
+    finally:
+        for thread in pool:
+            thread.join(timeout=600)
+    assert not errors, errors
+    assert len(results) == threads * per_thread
+    for (t, i), got in results.items():
+        np.testing.assert_allclose(got, reference_embeddings(example_model, "conv1", inputs[t][i]), atol=1e-5)
+    assert len([w for w in workers(client_server, "encoder") if w.get("status") == "READY"]) == 1
+    print(f"retried after a lost worker: {client.retried}")
