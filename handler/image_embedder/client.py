@@ -184,7 +184,7 @@ class EmbeddingClient:
         self._token = token or (self._keys.inference if self._keys else None)
         self._lock = threading.Lock()
         self._local = threading.local()
-        self.retried = 0  # requests sent again after a lost worker (the adapter's own retries not counted)
+        self.retried = 0  # requests sent again (after a lost worker, 503/507, a reset or a timeout)
         self.renewed = 0  # keys renewed through the token API
 
     # --- transport -------------------------------------------------------------------------------
@@ -216,16 +216,22 @@ class EmbeddingClient:
                                                    **kwargs)
             except requests.RequestException as exc:
                 raise EmbeddingError(f"{self.endpoint} unreachable after {self.retries} retries: {exc}") from exc
+            self._count_retries(len(getattr(getattr(response.raw, "retries", None), "history", ()) or ()))
             if response.status_code == 200:
                 return response
             if self._is_auth_refusal(response) and self._refresh(token, response):
                 continue  # a fresh key: not counted as a retry
             if self._lost_worker(response) and attempt < self.retries:
                 attempt += 1
-                self.retried += 1
+                self._count_retries(1)
                 time.sleep(min(30.0, self.backoff * 2 ** (attempt - 1)) * (0.5 + random.random()))
                 continue
             raise self._error(response)
+
+    def _count_retries(self, count: int) -> None:
+        if count:
+            with self._lock:
+                self.retried += count
 
     @staticmethod
     def _lost_worker(response: requests.Response) -> bool:
