@@ -131,7 +131,11 @@ def embed_batch(client: EmbeddingClient, batch: Sequence[Item]) -> np.ndarray:
 
 
 def items_digest(items: Sequence[Item], *extra: object) -> str:
-    return hashlib.sha256(json.dumps([list(extra), [(i.name, i.path, i.row) for i in items]]).encode()).hexdigest()
+    """Identifies a plan: the items, each file's size and modification time (an edited file is new
+    work), and `extra` (batch size, format)."""
+    stats = {path: (st.st_size, st.st_mtime_ns) for path in {i.path for i in items} for st in [os.stat(path)]}
+    listed = [(i.name, i.path, i.row, stats[i.path]) for i in items]
+    return hashlib.sha256(json.dumps([list(extra), listed]).encode()).hexdigest()
 
 
 def finished_run(out: str, digest: str) -> Optional[dict]:

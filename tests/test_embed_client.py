@@ -190,3 +190,24 @@ def test_retries_503_507_and_lost_worker_with_backoff(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_finished_run_is_not_redone_unless_an_input_changed(tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Flaky.answers, _Flaky.seen = [], []
+    settings = embed.RunSettings([str(tmp_path / "x.npy")], str(tmp_path / "out"),
+                                 f"http://127.0.0.1:{server.server_port}", "m", batch_size=2, quiet=True)
+    try:
+        np.save(tmp_path / "x.npy", np.zeros((3, 3, 4, 4), np.uint8))
+        assert embed.run(settings)["embedded"] == 3 and len(_Flaky.seen) == 2
+        again = embed.run(settings)
+        assert again["already_complete"] and again["embedded"] == 0 and len(_Flaky.seen) == 2  # nothing sent
+        np.save(tmp_path / "x.npy", np.ones((3, 3, 4, 5), np.uint8))  # same name, new content
+        os.utime(tmp_path / "x.npy", ns=(1, 1))  # and a different mtime even on a coarse clock
+        changed = embed.run(settings)
+        assert changed["embedded"] == 3 and not changed.get("already_complete") and len(_Flaky.seen) == 4
+        assert embed.run(embed.RunSettings(**{**settings.__dict__, "restart": True}))["embedded"] == 3
+    finally:
+        server.shutdown()
+        server.server_close()
