@@ -197,27 +197,31 @@ def scale_down_to_one(server) -> None:
 
 @pytest.mark.server
 def test_stream_through_a_killed_worker_and_a_scale_down(client_server, example_model):
-    """Four threads embed distinct batches while a worker is SIGKILLed and 2 workers scale down to 1:
-    every batch answered, every row equal to the reference."""
-    threads, per_thread = 4, 10
+    """Four threads embed batches without pause while a worker is SIGKILLed and 2 workers are scaled
+    down to 1, and for a while after: every batch answered, every row equal to the reference."""
+    threads, distinct = 4, 6
     rng = np.random.default_rng(91)
-    inputs = [[rng.normal(size=(2, 3, 224, 224)).astype(np.float32) for _ in range(per_thread)]
+    inputs = [[rng.normal(size=(2, 3, 224, 224)).astype(np.float32) for _ in range(distinct)]
               for _ in range(threads)]
+    expected = [[reference_embeddings(example_model, "conv1", batch) for batch in row] for row in inputs]
     # a timeout well above any answer here: a request TorchServe leaves unanswered while stopping a worker
     # (tests/test_load_and_faults.py) is sent again instead of hanging
     client = EmbeddingClient(client_server.inference_url, "encoder", key_file=key_file(client_server),
                              timeout=30, retries=8, backoff=0.2)
-    results: dict = {}
-    done = threading.Semaphore(0)
+    answers: list = []  # (thread, input index, embeddings, monotonic time answered)
     errors: list = []
+    done = threading.Semaphore(0)
+    stop = threading.Event()
 
     def stream(t: int) -> None:
-        for i, batch in enumerate(inputs[t]):
+        i = 0
+        while not stop.is_set():
             try:
-                results[t, i] = client.embed(batch)
+                answers.append((t, i % distinct, client.embed(inputs[t][i % distinct]), time.monotonic()))
             except Exception as exc:  # recorded, asserted below
                 errors.append((t, i, repr(exc)))
             done.release()
+            i += 1
 
     def wait_done(count: int) -> None:  # until `count` more batches have finished
         for _ in range(count):
@@ -232,13 +236,16 @@ def test_stream_through_a_killed_worker_and_a_scale_down(client_server, example_
         pid, _ = kill_worker(client_server, "encoder")
         wait_for_replacement(client_server, "encoder", pid)
         wait_done(4)
+        scale_down_at = time.monotonic()
         scale_down_to_one(client_server)
+        wait_done(8)
     finally:
+        stop.set()
         for thread in pool:
             thread.join(timeout=600)
     assert not errors, errors
-    assert len(results) == threads * per_thread
-    for (t, i), got in results.items():
-        np.testing.assert_allclose(got, reference_embeddings(example_model, "conv1", inputs[t][i]), atol=1e-5)
+    assert sum(at > scale_down_at for *_, at in answers) >= 8
+    for t, i, got, _ in answers:
+        np.testing.assert_allclose(got, expected[t][i], atol=1e-5)
     assert len([w for w in workers(client_server, "encoder") if w.get("status") == "READY"]) == 1
-    print(f"retried after a lost worker: {client.retried}")
+    print(f"{len(answers)} batches answered, {client.retried} sent again")
