@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from datetime import datetime
 
@@ -82,13 +83,30 @@ def test_a_client_following_the_docs_outlives_one_minute_keys(short_expiry_serve
     client = EmbeddingClient(server.inference_url, "encoder", key_file=os.path.join(server.workdir, "key_file.json"),
                              management_url=server.management_url, retries=0)
     start = time.monotonic()
-    answers = 0
-    while time.monotonic() - start < 185:
-        i = answers % len(images)
-        np.testing.assert_allclose(client.embed(images[i]), expected[i: i + 1], atol=1e-5)
-        answers += 1
-        time.sleep(1.0)  # pacing: one request a second, not a wait for a state
-    assert client.renewed >= 2  # one renewal per expiry, not one per request or per thread
+    answers, failures = [], []
+
+    def stream(offset: int) -> None:  # three threads share the client, as embed.py's do
+        n = offset
+        while time.monotonic() - start < 185:
+            i = n % len(images)
+            try:
+                answers.append((i, client.embed(images[i]), time.monotonic() - start))
+            except Exception as exc:  # recorded, asserted below
+                failures.append(repr(exc))
+            n += 1
+            time.sleep(1.0)  # pacing: one request a second per thread, not a wait for a state
+
+    threads = [threading.Thread(target=stream, args=(k,)) for k in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not failures, failures
+    minutes = {int(at // 60) for *_, at in answers}
+    assert {0, 1, 2, 3} <= minutes, sorted(minutes)  # answered in every minute, and past the third expiry
+    for i, got, _ in answers:
+        np.testing.assert_allclose(got, expected[i: i + 1], atol=1e-5)
+    assert 2 <= client.renewed <= 4  # one renewal per expiry (after ~1, 2 and 3 min), not one per thread
     # what expired: both keys made at start; TorchServe refuses them and rewrote nothing by itself
     assert time.time() > expires(first["inference"]) and time.time() > expires(first["management"])
     stale = post(server, first["inference"]["key"], images[0])
