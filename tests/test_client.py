@@ -12,7 +12,10 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -72,12 +75,28 @@ class Scripted(BaseHTTPRequestHandler):
 
     answers: list = []
     seen: list = []
+    valid: Optional[str] = None  # the inference key it accepts (None: any); like TorchServe, 400 otherwise
+    key_file: Optional[str] = None  # where GET /token writes a renewed key
+    renewals = 0
+
+    def do_GET(self):  # noqa: N802  (the token API: renews the inference key, rewrites key_file.json)
+        assert self.path == "/token?type=inference" and self.headers["Authorization"] == "Bearer api-key"
+        cls = type(self)
+        cls.renewals += 1
+        cls.valid = f"renewed-{cls.renewals}"
+        write_keys(cls.key_file, cls.valid, time.time() + 3600)
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def do_POST(self):  # noqa: N802
         body = self.rfile.read(int(self.headers["Content-Length"]))
         n = len(np.load(io.BytesIO(body), allow_pickle=False))
         type(self).seen.append((self.headers.get("Authorization"), self.headers.get("Accept"), n))
-        answer = type(self).answers.pop(0) if type(self).answers else None
+        if type(self).valid and self.headers.get("Authorization") != f"Bearer {type(self).valid}":
+            answer = (400, b'{"code": 400, "type": "InvalidKeyException", "message": "Token Authorization failed."}')
+        else:
+            answer = type(self).answers.pop(0) if type(self).answers else None
         if answer == "reset":
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             self.connection.close()
@@ -103,9 +122,18 @@ class Scripted(BaseHTTPRequestHandler):
         pass
 
 
+def write_keys(path: str, key: str, expires: float) -> None:
+    """A key_file.json as TorchServe 0.12 writes it."""
+    stamp = datetime.fromtimestamp(expires, timezone.utc).isoformat().replace("+00:00", "Z")
+    with open(path, "w") as f:
+        json.dump({"management": {"key": "m", "expiration time": stamp},
+                   "inference": {"key": key, "expiration time": stamp}, "API": {"key": "api-key"}}, f)
+
+
 @pytest.fixture
 def scripted():
     Scripted.answers, Scripted.seen, Scripted.release = [], [], threading.Event()
+    Scripted.valid, Scripted.key_file, Scripted.renewals = None, None, 0
     server = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}"
@@ -129,6 +157,41 @@ def test_retries_what_is_safe_and_nothing_else(scripted, tmp_path):
     with pytest.raises(EmbeddingError, match="HTTP 500.*decoding failed"):  # a real server error: not retried
         client.embed(np.zeros((3, 4, 4)))
     assert len(Scripted.seen) == 1
+
+
+def test_a_refused_key_is_read_again_from_the_key_file(scripted, tmp_path):
+    path = str(tmp_path / "key_file.json")
+    write_keys(path, "k1", time.time() + 3600)
+    Scripted.valid = "k1"
+    client = EmbeddingClient(scripted, "m", key_file=path)
+    client.embed(np.zeros((3, 2, 2)))
+    Scripted.valid = "k2"  # rotated (or the server restarted): the file has the new key
+    write_keys(path, "k2", time.time() + 3600)
+    client.embed(np.zeros((3, 2, 2)))
+    assert [auth for auth, _, _ in Scripted.seen] == ["Bearer k1", "Bearer k1", "Bearer k2"]
+    Scripted.valid, Scripted.seen = "k3", []  # a key the file does not have, and no management_url
+    with pytest.raises(TokenError, match="holds no valid inference key.*management_url"):
+        client.embed(np.zeros((3, 2, 2)))
+    assert len(Scripted.seen) == 1  # the file had nothing newer: not sent again
+
+
+def test_an_expired_key_is_renewed_once_for_all_threads(scripted, tmp_path):
+    """Eight threads find the key expired together: one renews it through the token API, all use it."""
+    path = str(tmp_path / "key_file.json")
+    write_keys(path, "old", time.time() - 1)
+    Scripted.valid, Scripted.key_file = "old-and-expired", path
+    client = EmbeddingClient(scripted, "m", key_file=path, management_url=scripted)
+    barrier = threading.Barrier(8)
+
+    def one(_: int) -> np.ndarray:
+        barrier.wait()
+        return client.embed(np.zeros((3, 2, 2)))
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    assert all(r.shape == (1, 2) for r in results)
+    assert Scripted.renewals == 1 and client.renewed == 1
+    assert {auth for auth, _, _ in Scripted.seen} == {"Bearer renewed-1"}  # the expired key was never sent
 
 
 def test_large_inputs_go_in_batches_in_order(scripted):

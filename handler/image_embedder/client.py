@@ -68,13 +68,11 @@ class _Keys:
     inference: str
     expires: Optional[float]  # seconds since the epoch; None: unknown
     api: Optional[str]
-    mtime: float
 
 
 def read_key_file(path: str) -> _Keys:
     """Parse TorchServe's key_file.json (written to the server's working directory)."""
     try:
-        mtime = os.stat(path).st_mtime
         with open(path) as f:
             data = json.load(f)
         key = data["inference"]["key"]
@@ -88,7 +86,7 @@ def read_key_file(path: str) -> _Keys:
         except ValueError:
             pass
     api = (data.get("API") or {}).get("key") if isinstance(data.get("API"), dict) else None
-    return _Keys(key, expires, api, mtime)
+    return _Keys(key, expires, api)
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -206,7 +204,7 @@ class EmbeddingClient:
     def _send(self, method: str, **kwargs: Any) -> requests.Response:
         """One logical request: the adapter's retries, then lost-worker retries and key refreshes."""
         headers = dict(kwargs.pop("headers", {}))
-        attempt = 0
+        attempt = refreshed = 0
         while True:
             token = self._current_token()
             if token:
@@ -219,8 +217,9 @@ class EmbeddingClient:
             self._count_retries(len(getattr(getattr(response.raw, "retries", None), "history", ()) or ()))
             if response.status_code == 200:
                 return response
-            if self._is_auth_refusal(response) and self._refresh(token, response):
-                continue  # a fresh key: not counted as a retry
+            if self._is_auth_refusal(response) and refreshed < 2 and self._refresh(token):
+                refreshed += 1  # a fresh key (bounded: a file for another server must not loop)
+                continue
             if self._lost_worker(response) and attempt < self.retries:
                 attempt += 1
                 self._count_retries(1)
@@ -260,10 +259,10 @@ class EmbeddingClient:
         """The key to send; a key_file whose key has expired is renewed first (when it can be)."""
         keys = self._keys
         if keys is not None and keys.expires is not None and keys.expires <= time.time():
-            self._refresh(self._token, None)
+            self._refresh(self._token)
         return self._token
 
-    def _refresh(self, used: Optional[str], response: Optional[requests.Response]) -> bool:
+    def _refresh(self, used: Optional[str]) -> bool:
         """After `used` was refused (or found expired): a newer key from key_file, else a renewed one.
         True when there is a different key to try. One thread renews; the others pick up its key."""
         if not self.key_file:
@@ -319,6 +318,7 @@ class EmbeddingClient:
         return self._send("GET", headers={"describe": "True"}).json()
 
     def close(self) -> None:
+        """Close this thread's connections (each thread has its own session)."""
         session = getattr(self._local, "session", None)
         if session is not None:
             session.close()
