@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import java_available
+from conftest import java_available, npy_bytes
 from image_embedder.client import EmbeddingClient
 from reference import reference_embeddings
 from test_shipped_config import read_properties
@@ -65,7 +65,6 @@ def short_expiry_server(example_archive, tmp_path_factory):
 
 
 def post(server, token: str, image: np.ndarray) -> requests.Response:
-    from conftest import npy_bytes
     return requests.post(f"{server.inference_url}/predictions/encoder", data=npy_bytes(image), timeout=60,
                          headers={"Authorization": f"Bearer {token}", "Content-Type": "application/x-npy"})
 
