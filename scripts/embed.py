@@ -4,43 +4,67 @@
     python scripts/embed.py photos/ --model encoder --out out/ --key-file key_file.json
     python scripts/embed.py images.npy --model encoder --out out/ --batch-size 32 --concurrency 4
 
-Items are sent in batches (multipart/form-data, one part per image) by several threads at once,
-with a progress bar in images/s. 503 (busy), 507 (out of memory) and 500 "Worker died" (a batch
-lost with its worker, see pytorch/serve#1101) answers and dropped
-connections are retried with exponential backoff. Every finished batch is written to a
-checkpoint shard, so running the same command again after a crash or Ctrl-C resumes where it
-stopped. At the end: out/embeddings.npy (N, D) float32 and out/names.txt (one name per line, same
-order), or out/embeddings.parquet (columns name, embedding) with --format parquet (needs pyarrow).
+Built on image_embedder.client.EmbeddingClient (docs/client.md): each batch is one request, several
+in flight at once, with a progress bar in images/s; lost workers (500 "Worker died."), 503, 507,
+dropped connections and timeouts are retried with backoff, and a refused key is re-read from
+--key-file (renewed through --management-url when it has expired; docs/auth.md). Every finished
+batch is written to a checkpoint shard, so running the same command again after a crash or Ctrl-C
+resumes where it stopped; running it again after it finished says so and sends nothing.
+At the end: out/embeddings.npy (N, D) float32 and out/names.txt (one name per line, same order),
+or out/embeddings.parquet (columns name, embedding) with --format parquet (needs pyarrow).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
-import random
 import shutil
 import sys
-import threading
-import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
-import requests
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "handler"))
+from image_embedder.client import EmbeddingClient, EmbeddingError, TokenError  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-RETRY_STATUSES = (503, 507)
-# TorchServe 0.12 kills a worker's in-flight batch when workers are scaled down or a worker dies
-# (pytorch/serve#1101); embedding is idempotent, so those 500s are safe to send again.
-RETRY_MESSAGES = ("Worker died", "Worker scaled down")
 CHECKPOINT = "checkpoint"
+DONE = "done.json"  # a finished run: what it embedded and what it wrote
 
 
 class ClientError(RuntimeError):
     """A failure the user must act on (bad input, refused request, wrong token)."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """One run of embed.py: what to embed, where to write, and how to talk to the server."""
+
+    inputs: Sequence[str]
+    out: str
+    url: str = "http://127.0.0.1:8080"
+    model: str = "encoder"
+    token: Optional[str] = None
+    key_file: Optional[str] = None
+    management_url: Optional[str] = None
+    batch_size: int = 16
+    concurrency: int = 4
+    fmt: str = "npy"
+    retries: int = 6
+    backoff: float = 0.5
+    timeout: float = 300.0
+    restart: bool = False
+    max_batches: Optional[int] = None
+    quiet: bool = False
+
+    def client(self) -> EmbeddingClient:
+        key_file = self.key_file or (None if self.token or not os.path.exists("key_file.json") else "key_file.json")
+        return EmbeddingClient(self.url, self.model, token=self.token, key_file=key_file, timeout=self.timeout,
+                               retries=self.retries, batch_size=self.batch_size, backoff=self.backoff,
+                               management_url=self.management_url)
 
 
 @dataclass(frozen=True)
@@ -51,18 +75,13 @@ class Item:
     path: str
     row: Optional[int] = None  # a row of a (N, C, H, W) .npy; None: the whole file is one image
 
-    def payload(self) -> tuple[bytes, str]:
-        """The part's bytes and content type: encoded image bytes as they are, arrays as .npy."""
+    def load(self) -> Union[bytes, np.ndarray]:
+        """Encoded image bytes as they are, or the (C,H,W) array."""
         if self.path.lower().endswith(IMAGE_SUFFIXES):
             with open(self.path, "rb") as f:
-                data = f.read()
-            return data, "image/png" if self.path.lower().endswith(".png") else "image/jpeg"
+                return f.read()
         array = np.load(self.path, mmap_mode="r", allow_pickle=False)
-        if self.row is not None:
-            array = array[self.row]
-        buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-        return buf.getvalue(), "application/x-npy"
+        return np.asarray(array[self.row] if self.row is not None else array)
 
 
 def _npy_items(path: str, name: str) -> list[Item]:
@@ -99,94 +118,36 @@ def list_items(inputs: Sequence[str]) -> list[Item]:
     return items
 
 
-def read_token(token: Optional[str], key_file: Optional[str]) -> Optional[str]:
-    """The inference token: --token, else key_file.json's inference key, else none."""
-    if token:
-        return token
-    path = key_file or ("key_file.json" if os.path.exists("key_file.json") else None)
-    if not path:
-        return None
+def embed_batch(client: EmbeddingClient, batch: Sequence[Item]) -> np.ndarray:
+    """One request for `batch`; a refusal names the files instead of the parts (i0, i1, ...)."""
     try:
-        with open(path) as f:
-            return json.load(f)["inference"]["key"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ClientError(f"cannot read the inference key from {path!r}: {exc}") from exc
-
-
-class Embedder:
-    """Sends one batch of items and returns its (n, D) embeddings, retrying busy answers."""
-
-    def __init__(self, url: str, model: str, token: Optional[str], retries: int = 6, backoff: float = 0.5,
-                 timeout: float = 300.0, sleep: Callable[[float], None] = time.sleep) -> None:
-        self.endpoint = f"{url.rstrip('/')}/predictions/{model}"
-        self.headers = {"Accept": "application/x-npy"}
-        if token:
-            self.headers["Authorization"] = f"Bearer {token}"
-        self.retries, self.backoff, self.timeout, self.sleep = retries, backoff, timeout, sleep
-        self.retried = 0
-        self._local = threading.local()
-
-    def _session(self) -> requests.Session:
-        if not hasattr(self._local, "session"):
-            self._local.session = requests.Session()
-        return self._local.session
-
-    def _wait(self, attempt: int, response: Optional[requests.Response]) -> None:
-        delay = self.backoff * (2 ** attempt) * (0.5 + random.random())
-        after = response.headers.get("Retry-After") if response is not None else None
-        if after and after.isdigit():
-            delay = max(delay, float(after))
-        self.retried += 1
-        self.sleep(delay)
-
-    def embed(self, batch: Sequence[Item]) -> np.ndarray:
-        files = []
-        for i, item in enumerate(batch):
-            data, content_type = item.payload()
-            files.append((f"i{i}", (os.path.basename(item.path), data, content_type)))
-        for attempt in range(self.retries + 1):
-            response = None
-            try:
-                response = self._session().post(self.endpoint, files=files, headers=self.headers, timeout=self.timeout)
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                if attempt == self.retries:
-                    raise ClientError(f"{self.endpoint} unreachable after {attempt + 1} tries: {exc}") from exc
-                self._wait(attempt, None)
-                continue
-            if response.status_code == 200:
-                return self._parse(response, len(batch))
-            if self._retriable(response) and attempt < self.retries:
-                self._wait(attempt, response)
-                continue
-            raise ClientError(self._explain(response, batch))
-        raise AssertionError("unreachable")
-
-    @staticmethod
-    def _retriable(response: requests.Response) -> bool:
-        """Busy or out of memory, or a batch lost with its worker: worth sending again."""
-        if response.status_code in RETRY_STATUSES:
-            return True
-        return response.status_code == 500 and any(m in response.text for m in RETRY_MESSAGES)
-
-    @staticmethod
-    def _parse(response: requests.Response, count: int) -> np.ndarray:
-        if response.headers.get("Content-Type", "").startswith("application/x-npy"):
-            out = np.load(io.BytesIO(response.content), allow_pickle=False)
-        else:
-            out = np.asarray(response.json()["embeddings"], dtype=np.float32)
-        if out.ndim != 2 or len(out) != count:
-            raise ClientError(f"server answered shape {out.shape} for a batch of {count} images")
-        return out.astype(np.float32, copy=False)
-
-    @staticmethod
-    def _explain(response: requests.Response, batch: Sequence[Item]) -> str:
-        message = response.text[:500]
+        return client.embed_batch([item.load() for item in batch])
+    except EmbeddingError as exc:
+        message = str(exc)
         for i, item in reversed(list(enumerate(batch))):  # "part 'i3'" -> the file's name
             message = message.replace(f"'i{i}'", f"'i{i}' ({item.name})")
-        # TorchServe 0.12 answers a wrong token with 400 InvalidKeyException
-        auth = response.status_code in (401, 403) or "InvalidKeyException" in message
-        hint = " (the token was refused: check --token / --key-file)" if auth else ""
-        return f"HTTP {response.status_code} for a batch starting at {batch[0].name!r}{hint}: {message}"
+        hint = " (check --token / --key-file; docs/auth.md)" if isinstance(exc, TokenError) else ""
+        raise ClientError(f"batch starting at {batch[0].name!r}{hint}: {message}") from exc
+
+
+def items_digest(items: Sequence[Item], *extra: object) -> str:
+    """Identifies a plan: the items, each file's size and modification time (an edited file is new
+    work), and `extra` (batch size, format)."""
+    stats = {path: (st.st_size, st.st_mtime_ns) for path in {i.path for i in items} for st in [os.stat(path)]}
+    listed = [(i.name, i.path, i.row, stats[i.path]) for i in items]
+    return hashlib.sha256(json.dumps([list(extra), listed]).encode()).hexdigest()
+
+
+def finished_run(out: str, digest: str) -> Optional[dict]:
+    """The record of a finished run of these inputs into `out`, if its outputs are still there."""
+    try:
+        with open(os.path.join(out, DONE)) as f:
+            done = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if done.get("digest") == digest and all(os.path.exists(p) for p in done.get("outputs", [])):
+        return done
+    return None
 
 
 class Checkpoint:
@@ -194,10 +155,12 @@ class Checkpoint:
 
     def __init__(self, out: str, items: Sequence[Item], batch_size: int, restart: bool = False) -> None:
         self.folder = os.path.join(out, CHECKPOINT)
-        digest = hashlib.sha256(json.dumps([batch_size, [(i.name, i.path, i.row) for i in items]]).encode()).hexdigest()
+        digest = items_digest(items, batch_size)
         plan_path = os.path.join(self.folder, "plan.json")
         if restart:
             shutil.rmtree(self.folder, ignore_errors=True)
+            if os.path.exists(os.path.join(out, DONE)):
+                os.remove(os.path.join(out, DONE))
         if os.path.exists(plan_path):
             with open(plan_path) as f:
                 if json.load(f).get("digest") != digest:
@@ -261,37 +224,41 @@ def _progress(total: int, initial: int, quiet: bool):
     return tqdm(total=total, initial=initial, unit="img", desc="embedding", dynamic_ncols=True)
 
 
-def run(inputs: Sequence[str], out: str, url: str, model: str, token: Optional[str] = None, batch_size: int = 16,
-        concurrency: int = 4, fmt: str = "npy", retries: int = 6, backoff: float = 0.5, timeout: float = 300.0,
-        restart: bool = False, max_batches: Optional[int] = None, quiet: bool = False) -> dict:
-    """Embed everything not yet checkpointed, then (once all batches are done) write the output."""
-    if fmt == "parquet":
+def run(settings: RunSettings) -> dict:
+    """Embed everything not yet checkpointed, then (once all batches are done) write the output.
+    Inputs already embedded into `settings.out` (same files, same format) are not sent again."""
+    if settings.fmt == "parquet":
         try:
             import pyarrow  # noqa: F401
         except ImportError as exc:
             raise ClientError("--format parquet needs pyarrow (pip install pyarrow); or use --format npy") from exc
-    items = list_items(inputs)
-    os.makedirs(out, exist_ok=True)
-    checkpoint = Checkpoint(out, items, batch_size, restart)
-    plan = batches(items, batch_size)
+    items = list_items(settings.inputs)
+    os.makedirs(settings.out, exist_ok=True)
+    digest = items_digest(items, settings.fmt)
+    done = None if settings.restart else finished_run(settings.out, digest)
+    if done is not None:
+        return {"items": len(items), "resumed": len(items), "embedded": 0, "retries": 0, "complete": True,
+                "already_complete": True, "outputs": done["outputs"], "dim": done["dim"]}
+    checkpoint = Checkpoint(settings.out, items, settings.batch_size, settings.restart)
+    plan = batches(items, settings.batch_size)
     pending = [i for i in range(len(plan)) if not checkpoint.done(i)]
     resumed = sum(len(plan[i]) for i in range(len(plan)) if checkpoint.done(i))
-    if max_batches is not None:
-        pending = pending[:max_batches]
-    embedder = Embedder(url, model, token, retries, backoff, timeout)
-    bar = _progress(len(items), resumed, quiet)
+    if settings.max_batches is not None:
+        pending = pending[: settings.max_batches]
+    client = settings.client()
+    bar = _progress(len(items), resumed, settings.quiet)
     sent = 0
     todo: Iterator[int] = iter(pending)
     try:
-        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        with ThreadPoolExecutor(max_workers=settings.concurrency) as pool:
             running: dict[Future, int] = {}
 
             def submit_next() -> None:
                 index = next(todo, None)
                 if index is not None:
-                    running[pool.submit(embedder.embed, plan[index])] = index
+                    running[pool.submit(embed_batch, client, plan[index])] = index
 
-            for _ in range(concurrency * 2):  # a bounded window: memory stays flat on big inputs
+            for _ in range(settings.concurrency * 2):  # a bounded window: memory stays flat on big inputs
                 submit_next()
             while running:
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -303,12 +270,16 @@ def run(inputs: Sequence[str], out: str, url: str, model: str, token: Optional[s
                     submit_next()
     finally:
         bar.close()
-    summary = {"items": len(items), "resumed": resumed, "embedded": sent, "retries": embedder.retried,
+        client.close()
+    summary = {"items": len(items), "resumed": resumed, "embedded": sent, "retries": client.retried,
                "complete": all(checkpoint.done(i) for i in range(len(plan))), "outputs": []}
     if summary["complete"]:
         embeddings = np.concatenate([checkpoint.load(i) for i in range(len(plan))])
-        summary["outputs"] = write_output(out, [i.name for i in items], embeddings, fmt)
+        summary["outputs"] = write_output(settings.out, [i.name for i in items], embeddings, settings.fmt)
         summary["dim"] = int(embeddings.shape[1])
+        with open(os.path.join(settings.out, DONE), "w") as f:
+            json.dump({"digest": digest, "items": len(items), "dim": summary["dim"],
+                       "outputs": summary["outputs"]}, f)
         shutil.rmtree(checkpoint.folder, ignore_errors=True)
     return summary
 
@@ -321,31 +292,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--model", default="encoder", help="model name on the server")
     parser.add_argument("--token", help="inference token (default: from --key-file)")
     parser.add_argument("--key-file", help="TorchServe's key_file.json (default: ./key_file.json if present)")
+    parser.add_argument("--management-url", help="TorchServe management address: renews an expired key "
+                        "from --key-file (docs/auth.md)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per request")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
     parser.add_argument("--format", choices=("npy", "parquet"), default="npy")
-    parser.add_argument("--retries", type=int, default=6, help="tries after a 503/507, a lost worker (500 Worker died) or a dropped connection")
+    parser.add_argument("--retries", type=int, default=6, help="tries after a 503/507, a lost worker "
+                        "(500 Worker died), a dropped connection or a timeout")
     parser.add_argument("--backoff", type=float, default=0.5, help="first retry delay in seconds (doubles)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
-    parser.add_argument("--restart", action="store_true", help="drop an existing checkpoint and start over")
+    parser.add_argument("--restart", action="store_true", help="drop an existing checkpoint or finished "
+                        "output and embed everything again")
     parser.add_argument("--max-batches", type=int, help="stop after this many batches (resume later)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     for name in ("batch_size", "concurrency"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    settings = RunSettings(
+        inputs=args.inputs, out=args.out, url=args.url, model=args.model, token=args.token, key_file=args.key_file,
+        management_url=args.management_url, batch_size=args.batch_size, concurrency=args.concurrency,
+        fmt=args.format, retries=args.retries, backoff=args.backoff, timeout=args.timeout, restart=args.restart,
+        max_batches=args.max_batches, quiet=args.quiet)
     try:
-        summary = run(args.inputs, args.out, args.url, args.model, read_token(args.token, args.key_file),
-                      args.batch_size, args.concurrency, args.format, args.retries, args.backoff, args.timeout,
-                      args.restart, args.max_batches, args.quiet)
-    except ClientError as exc:
+        summary = run(settings)
+    except (ClientError, TokenError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130
     print(json.dumps(summary))
-    if not summary["complete"]:
+    if summary.get("already_complete"):
+        print(f"already complete: {', '.join(summary['outputs'])} hold these {summary['items']} images; "
+              "nothing sent (--restart to embed them again)", file=sys.stderr)
+    elif not summary["complete"]:
         print("stopped early: run the same command again to resume", file=sys.stderr)
     return 0
 
