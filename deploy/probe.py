@@ -41,6 +41,11 @@ def get(url: str, key: Optional[str], timeout: float) -> tuple[int, str]:
         return e.code, e.read().decode("utf-8", "replace")
 
 
+def one_line(body: str) -> str:
+    """TorchServe's pretty-printed error body on one line (probe output lands in pod events)."""
+    return " ".join(body.split())[:300]
+
+
 def ready_workers(body: str) -> int:
     try:
         return sum(w.get("status") == "READY" for w in json.loads(body)[0].get("workers", []))
@@ -55,13 +60,13 @@ def probe(args: argparse.Namespace) -> tuple[bool, str]:
         if args.kind == "live":
             return True, f"frontend answered /ping with {status}"
         if status != 200:
-            return False, f"/ping answered {status}: {body.strip()[:200]}"
+            return False, f"/ping answered {status}: {one_line(body)}"
         url = f"{args.management_url.rstrip('/')}/models/{args.model}"
         status, body = get(url, read_key(args.key_file, "management"), args.timeout)
     except (OSError, ValueError, KeyError) as e:  # refused, timed out, unreadable key file
         return False, f"{args.kind}: {type(e).__name__}: {e}"
     if status != 200:
-        return False, f"{url} answered {status}: {body.strip()[:200]}"
+        return False, f"{url} answered {status}: {one_line(body)}"
     workers = ready_workers(body)
     return workers > 0, f"model {args.model}: {workers} READY worker(s)"
 
