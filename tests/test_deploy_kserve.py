@@ -1,8 +1,9 @@
 """The KServe storage layout served exactly as KServe's kserve-torchserve runtime starts it
 (tests/kserve_server.py), driven the way KServe's wrapper drives it: KServe v1 and v2 JSON bodies on
 /predictions/encoder (what the wrapper forwards to), on TorchServe's own /v1 and /v2 routes, and
-with tritonclient; many concurrent clients, so TorchServe batches them; every answer compared with
-tests/reference.py. Also what does not work: the serviceEnvelope label set (TorchServe's
+with tritonclient; many concurrent clients against one worker (batchSize 16, maxBatchDelay 100 ms),
+so TorchServe batches them (by hand: RequestsPerBatch reached 16 for 24 clients); every answer
+compared with tests/reference.py. Also what does not work: the serviceEnvelope label set (TorchServe's
 kserve/kservev2 envelopes) fails every request."""
 from __future__ import annotations
 
