@@ -86,7 +86,8 @@ def read_archive(mar: str) -> ServingSettings:
             config_name = manifest["model"].get("configFile")
             config = yaml.safe_load(archive.read(config_name)) if config_name else {}
     except (OSError, zipfile.BadZipFile, KeyError, ValueError) as e:
-        raise SystemExit(f"{mar!r} is not a TorchServe archive with MAR-INF/MANIFEST.json: {e}")
+        raise ValueError(f"{mar!r} is not a TorchServe archive with MAR-INF/MANIFEST.json ({e}); "
+                         "build one with scripts/build_mar.py") from e
     model = manifest["model"]
     settings = ServingSettings(model["modelName"], model.get("modelVersion") or "1.0")
     for field, key in (("min_workers", "minWorkers"), ("max_workers", "maxWorkers"), ("batch_size", "batchSize"),
@@ -129,7 +130,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not os.path.isfile(args.mar):
         parser.error(f"archive {args.mar!r} does not exist; build it with scripts/build_mar.py")
-    config = write_layout(args.mar, args.out_dir, args.workers, args.batch_size, args.max_batch_delay)
+    try:
+        config = write_layout(args.mar, args.out_dir, args.workers, args.batch_size, args.max_batch_delay)
+    except ValueError as e:
+        parser.error(str(e))
     print(f"wrote {config} and {os.path.join(args.out_dir, 'model-store')}/: upload {args.out_dir}/ "
           "and point the InferenceService's storageUri at it", file=sys.stderr)
     return 0

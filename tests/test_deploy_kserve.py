@@ -72,6 +72,11 @@ def test_layout_refuses_a_missing_archive(tmp_path):
                           str(tmp_path / "nope.mar"), str(tmp_path / "out")], capture_output=True, text=True)
     assert run.returncode == 2 and "nope.mar" in run.stderr and "build_mar.py" in run.stderr
     assert not (tmp_path / "out").exists()
+    (tmp_path / "text.mar").write_text("not a zip")
+    run = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "kserve_layout.py"),
+                          str(tmp_path / "text.mar"), str(tmp_path / "out")], capture_output=True, text=True)
+    assert run.returncode == 2 and "text.mar" in run.stderr and "MAR-INF/MANIFEST.json" in run.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def v1_body(images: np.ndarray) -> dict:
