@@ -1,18 +1,14 @@
 """Lay out KServe's TorchServe storage folder from a built archive: config/ + model-store/.
 
 KServe's `kserve-torchserve` runtime downloads the InferenceService's `storageUri` to /mnt/models and
-runs `torchserve --start --model-store=/mnt/models/model-store
---ts-config=/mnt/models/config/config.properties`; its wrapper (same container) answers on 8080 and
+starts TorchServe with `--model-store=/mnt/models/model-store` and
+`--ts-config=/mnt/models/config/config.properties`; its wrapper (same container) answers on 8080 and
 forwards every v1/v2 request, without a token, to TorchServe's `/predictions/<model>` on the
-config's inference address. So the config written here:
-
-- binds TorchServe's inference and management APIs to loopback (8085): only the wrapper reaches them,
-  which is why token authorization is off there; metrics (no token) on 0.0.0.0:8082 for Prometheus;
-- names the model in `model_snapshot`: TorchServe loads it at start (the command has no --models),
-  and the wrapper takes its model names from there;
-- sets `enable_envvars_config=true` (KServe sets TS_SERVICE_ENVELOPE from the serviceEnvelope label;
-  leave that label unset: our handler speaks KServe v1 and v2 itself, per request, which keeps
-  batching safe; TorchServe's envelopes answer only the first request of a batch).
+config's inference address. The config is deploy/kserve/config.properties (why each line: there)
+plus a `model_snapshot` naming the model: TorchServe loads it at start (the runtime passes no
+--models), and the wrapper takes its model names from there. Leave the InferenceService's
+serviceEnvelope label unset: our handler speaks KServe v1 and v2 itself, per request, which keeps
+batching safe; TorchServe's envelopes answer only the first request of a batch.
 
 Batch size, delay and workers come from the archive's model-config.yaml unless given here.
 
@@ -31,31 +27,8 @@ from typing import Optional
 
 import yaml
 
-INFERENCE_ADDRESS = "http://127.0.0.1:8085"
-METRICS_ADDRESS = "http://0.0.0.0:8082"
-CONFIG_TEMPLATE = """\
-# Written by scripts/kserve_layout.py for KServe's kserve-torchserve runtime.
-# KServe's wrapper in the same container forwards every request to TorchServe on {inference}
-# without a token: TorchServe's APIs stay on loopback, token authorization is off there.
-inference_address={inference}
-management_address={inference}
-metrics_address={metrics}
-grpc_inference_address=127.0.0.1
-grpc_management_address=127.0.0.1
-grpc_inference_port=7070
-grpc_management_port=7071
-disable_token_authorization=true
-enable_model_api=false
-# KServe sets TS_SERVICE_ENVELOPE from the serviceEnvelope label: leave the label unset.
-enable_envvars_config=true
-install_py_dep_per_model=false
-model_store=/mnt/models/model-store
-max_request_size=134217728
-max_response_size=134217728
-metrics_mode=prometheus
-model_metrics_auto_detect=true
-model_snapshot={snapshot}
-"""
+CONFIG_TEMPLATE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "deploy", "kserve", "config.properties")
 
 
 @dataclass
@@ -114,9 +87,10 @@ def write_layout(mar: str, out_dir: str, workers: Optional[int] = None, batch_si
     if os.path.abspath(mar) != os.path.abspath(target):
         shutil.copyfile(mar, target)
     config_path = os.path.join(out_dir, "config", "config.properties")
+    with open(CONFIG_TEMPLATE) as f:
+        config = f.read()
     with open(config_path, "w") as f:
-        f.write(CONFIG_TEMPLATE.format(inference=INFERENCE_ADDRESS, metrics=METRICS_ADDRESS,
-                                       snapshot=settings.snapshot(mar_name)))
+        f.write(config.rstrip("\n") + f"\nmodel_snapshot={settings.snapshot(mar_name)}\n")
     return config_path
 
 
