@@ -187,6 +187,8 @@ def test_deployment_wiring(deployment):
         assert os.path.dirname(key_file) == container["workingDir"]  # TorchServe writes it to its cwd
     requests = container["resources"]["requests"]
     assert ("nvidia.com/gpu" in requests) == deployment["metadata"]["name"].endswith("-gpu")
+    # Guaranteed QoS (whole cores under the static CPU manager policy): requests = limits, integer CPUs
+    assert requests == container["resources"]["limits"] and float(requests["cpu"]).is_integer()
 
 
 def test_hpa_targets_a_deployment():
