@@ -22,3 +22,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q -r requirements.txt >&2
   echo "$want" > "$stamp"
 fi
+# KServe's SDK models for the manifest tests, without the KServe server's dependencies.
+if ! .venv/bin/python -m pip show kserve 2>/dev/null | grep -qx 'Version: 0.21.0'; then
+  .venv/bin/python -m pip install -q --no-deps -r deploy/requirements-kserve.txt >&2
+fi
