@@ -37,6 +37,9 @@ from image_embedder.loading import build_model, file_sha256, import_model_file, 
 from image_embedder.settings import POOLINGS, EncoderSettings  # noqa: E402
 
 PACKAGE = "image_embedder"
+# Modules of the package that never run in a worker (the client sends the requests): left out of
+# the archive, so the server needs nothing the client imports (requests, urllib3).
+NOT_SERVED = ("client.py",)
 HANDLER_FILE = os.path.join(HANDLER_DIR, "encoder_handler.py")
 # TorchServe keys written when the user brings no model-config.yaml: one worker that owns the
 # cores, and dynamic batching that waits at most 20 ms to fill a batch of 16 requests (what
@@ -225,7 +228,7 @@ def build_archive(spec: ArchiveSpec, quiet: bool = False) -> str:
 
         package_root = os.path.join(work, "package")
         shutil.copytree(os.path.join(HANDLER_DIR, PACKAGE), os.path.join(package_root, PACKAGE),
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", *NOT_SERVED))
         config_path = os.path.join(work, "model-config.yaml")
         with open(config_path, "w") as f:
             yaml.safe_dump(config, f, sort_keys=False)
