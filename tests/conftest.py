@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from build_mar import ArchiveSpec, build_archive
-from reference import load_reference_model
+from image_embedder.tools.build import ArchiveSpec, build_archive
+from image_embedder.tools.reference import load_reference_model
 from ts_inprocess import InProcessModel
-from ts_server import REPO, TorchServe
-
+from image_embedder.tools.paths import REPO
+from image_embedder.tools.ts_server import TorchServe
 EXAMPLE_DIR = os.path.join(REPO, "examples", "custom_model")
 MODELS_DIR = os.path.join(os.path.dirname(__file__), "models")
 

@@ -13,9 +13,8 @@ import textwrap
 import torch
 import yaml
 
-from build_mar import ArchiveSpec, build_archive
-from ts_server import TorchServe
-
+from image_embedder.tools.build import ArchiveSpec, build_archive
+from image_embedder.tools.ts_server import TorchServe
 IMAGE_SETTINGS = {
     "resize": 256,
     "center_crop": 224,

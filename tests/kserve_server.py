@@ -15,9 +15,7 @@ import time
 
 import requests
 
-from ts_server import _torchserve, free_ports
-
-
+from image_embedder.tools.ts_server import _torchserve, free_ports
 class KServeLayoutServer:
     """`start()` / `cleanup()`; `inference_url` serves both inference and management, as in KServe."""
 

@@ -12,10 +12,9 @@ import pytest
 import torch
 import yaml
 
-from build_mar import main
+from image_embedder.tools.build import main
 from conftest import MODELS_DIR
-from ts_server import REPO
-
+from image_embedder.tools.paths import REPO
 SCRIPT = os.path.join(REPO, "scripts", "build_mar.py")
 ALLOWED_THIRD_PARTY = {"torch", "numpy", "yaml", "ts", "image_embedder"}
 
@@ -84,7 +83,7 @@ def test_a_plain_state_dict_is_packed_as_it_is_without_warning(user_files, tmp_p
 
 
 def test_build_archive_takes_one_spec(user_files, tmp_path):
-    from build_mar import ArchiveSpec, build_archive
+    from image_embedder.tools.build import ArchiveSpec, build_archive
 
     spec = ArchiveSpec(str(user_files / "nested_net.py"), "NestedNet", str(user_files / "nested.pth"), "features.0",
                        pooling="max", name="spec", export_path=str(tmp_path), settings={"normalize": True})

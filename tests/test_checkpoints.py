@@ -19,15 +19,14 @@ import requests
 import torch
 import yaml
 
-from build_mar import main
+from image_embedder.tools.build import main
 from conftest import MODELS_DIR, java_available, npy_bytes
 from image_embedder.checkpoints import UnwrapOptions, unwrap
 from image_embedder.errors import ConfigError
 from image_embedder.loading import load_model
-from reference import load_reference_model, reference_embeddings
+from image_embedder.tools.reference import load_reference_model, reference_embeddings
 from ts_inprocess import InProcessModel, Request
-from ts_server import TorchServe
-
+from image_embedder.tools.ts_server import TorchServe
 MODEL_FILE = os.path.join(MODELS_DIR, "nested_net.py")
 KWARGS = {"width": 24}
 LAYER = "layer3.1.conv2"

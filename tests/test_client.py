@@ -24,10 +24,10 @@ from PIL import Image
 
 from conftest import java_available
 from image_embedder.client import EmbeddingClient, EmbeddingError, TokenError, encode_batch, flatten_images
-from load_test import kill_worker, scale, wait_for_replacement, workers
-from reference import reference_embeddings
-from ts_server import REPO, TorchServe
-
+from image_embedder.tools.load_test import kill_worker, scale, wait_for_replacement, workers
+from image_embedder.tools.reference import reference_embeddings
+from image_embedder.tools.paths import REPO
+from image_embedder.tools.ts_server import TorchServe
 WORKER_DIED = b'{"code": 500, "type": "InternalServerException", "message": "Worker died."}'
 
 

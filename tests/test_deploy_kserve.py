@@ -20,9 +20,8 @@ import requests
 import torch
 
 from kserve_server import KServeLayoutServer
-from reference import reference_embeddings
-from ts_server import REPO
-
+from image_embedder.tools.reference import reference_embeddings
+from image_embedder.tools.paths import REPO
 pytestmark = pytest.mark.server
 ROUTES = ("/predictions/encoder", "/v1/models/encoder:predict", "/v2/models/encoder/infer")
 

@@ -24,8 +24,7 @@ import pytest
 import referencing
 import yaml
 
-from ts_server import REPO
-
+from image_embedder.tools.paths import REPO
 K8S_VERSION = "1.37.0"
 DEPLOY = os.path.join(REPO, "deploy")
 # protocolVersions of KServe's kserve-torchserve ClusterServingRuntime (config/runtimes/kserve-torchserve.yaml)

@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import embed
+from image_embedder.tools import embed
 from image_embedder.client import EmbeddingClient
-from reference import load_reference_model, reference_embeddings
-from ts_server import REPO
-
+from image_embedder.tools.reference import load_reference_model, reference_embeddings
+from image_embedder.tools.paths import REPO
 SCRIPT = os.path.join(REPO, "scripts", "embed.py")
 
 

@@ -25,7 +25,7 @@ from conftest import npy_bytes
 from image_embedder.errors import RequestError
 from image_embedder.npy_codec import NPY_MAGIC, read_npy
 from image_embedder.request_decoding import ALLOWED_DTYPES, DecodedRequest, check_request_limits, decode_request
-from reference import reference_embeddings
+from image_embedder.tools.reference import reference_embeddings
 from ts_inprocess import Request
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from build_mar import ArchiveSpec, build_archive
+from image_embedder.tools.build import ArchiveSpec, build_archive
 from conftest import npy_bytes
-from reference import reference_embeddings
+from image_embedder.tools.reference import reference_embeddings
 from ts_inprocess import InProcessModel, Request, parse_predict_response
 
 SETTINGS = {"profile": True, "resize": 20, "center_crop": 16, "scale": 0.5, "mean": [0.1, 0.2, 0.3],

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from build_mar import ArchiveSpec, build_archive
+from image_embedder.tools.build import ArchiveSpec, build_archive
 from conftest import MODELS_DIR, npy_bytes
-from reference import load_reference_model, reference_embeddings
+from image_embedder.tools.reference import load_reference_model, reference_embeddings
 from ts_inprocess import InProcessModel, Request
 
 SIZE = 16  # every test image is (3, 16, 16) unless it says otherwise

@@ -21,7 +21,7 @@ from feature_server import IMAGE_SETTINGS
 from image_embedder.errors import RequestError
 from image_embedder.image_decoding import ImageDecoder, color_mode_for
 from image_embedder.request_decoding import decode_multipart, decode_request
-from reference import reference_embeddings
+from image_embedder.tools.reference import reference_embeddings
 
 
 def encode(array: np.ndarray, fmt: str = "PNG", exif_orientation: int = 0) -> bytes:

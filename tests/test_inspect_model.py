@@ -9,8 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from ts_server import REPO
-
+from image_embedder.tools.paths import REPO
 SCRIPT = os.path.join(REPO, "scripts", "inspect_model.py")
 
 BRANCHY = textwrap.dedent('''

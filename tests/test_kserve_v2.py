@@ -13,7 +13,7 @@ import torch
 import tritonclient.http as triton
 from PIL import Image
 
-from reference import reference_embeddings
+from image_embedder.tools.reference import reference_embeddings
 
 pytestmark = pytest.mark.server
 

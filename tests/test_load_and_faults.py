@@ -18,13 +18,12 @@ import requests
 import torch
 import yaml
 
-from build_mar import ArchiveSpec, build_archive
+from image_embedder.tools.build import ArchiveSpec, build_archive
 from conftest import java_available, npy_bytes
-from load_test import make_inputs, run_scenario
-from reference import load_reference_model, reference_embeddings
+from image_embedder.tools.load_test import make_inputs, run_scenario
+from image_embedder.tools.reference import load_reference_model, reference_embeddings
 from ts_inprocess import InProcessModel, Request
-from ts_server import TorchServe
-
+from image_embedder.tools.ts_server import TorchServe
 CLIENTS = 16
 BATCH_SIZE = 8  # this test archive's batchSize: the requests in one batch a worker runs
 CLIENT_TIMEOUT_S = 45.0  # far above any answered request here (max seen 7 s); bounds a lost one

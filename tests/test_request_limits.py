@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import requests
 
-from build_mar import ArchiveSpec, build_archive
+from image_embedder.tools.build import ArchiveSpec, build_archive
 from conftest import java_available, npy_bytes
-from reference import reference_embeddings
+from image_embedder.tools.reference import reference_embeddings
 from ts_inprocess import InProcessModel, Request
-from ts_server import TorchServe
-
+from image_embedder.tools.ts_server import TorchServe
 IMAGE = (3, 224, 224)
 PER_IMAGE = 3 * 224 * 224
 MAX_IMAGES = 6

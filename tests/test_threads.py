@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from build_mar import ArchiveSpec, build_archive
+from image_embedder.tools.build import ArchiveSpec, build_archive
 from conftest import npy_bytes
 from image_embedder.worker_threads import WorkerThreads
 from ts_inprocess import InProcessModel, Request

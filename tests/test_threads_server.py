@@ -8,8 +8,7 @@ import time
 import pytest
 import requests
 
-from ts_server import TorchServe
-
+from image_embedder.tools.ts_server import TorchServe
 pytestmark = pytest.mark.server
 
 

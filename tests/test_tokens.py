@@ -22,10 +22,10 @@ import requests
 
 from conftest import java_available, npy_bytes
 from image_embedder.client import EmbeddingClient
-from reference import reference_embeddings
+from image_embedder.tools.reference import reference_embeddings
 from test_shipped_config import read_properties
-from ts_server import SHIPPED_CONFIG, TorchServe
-
+from image_embedder.tools.paths import SHIPPED_CONFIG
+from image_embedder.tools.ts_server import TorchServe
 YEAR_S = 365 * 24 * 3600
 AUTH_REFUSED = "InvalidKeyException"
 

@@ -36,22 +36,17 @@ import numpy as np
 import torch
 import yaml
 
-SCRIPTS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(SCRIPTS)
-for folder in (os.path.join(REPO, "handler"), SCRIPTS, os.path.join(REPO, "tests")):
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
 
-import bench_models  # noqa: E402
-from bench_client import RunResult, run_clients  # noqa: E402
-from build_mar import ArchiveSpec, build_archive  # noqa: E402
-from image_embedder.encoder import ImageEncoder  # noqa: E402
-from image_embedder.npy_codec import read_npy  # noqa: E402
-from image_embedder.request_decoding import check_request_limits, decode_request  # noqa: E402
-from image_embedder.response_encoding import encode_response  # noqa: E402
-from image_embedder.settings import EncoderSettings  # noqa: E402
-from ts_server import TorchServe  # noqa: E402
-
+from image_embedder.tools import bench_models
+from image_embedder.tools.bench_client import RunResult, run_clients
+from image_embedder.tools.build import ArchiveSpec, build_archive
+from image_embedder.encoder import ImageEncoder
+from image_embedder.npy_codec import read_npy
+from image_embedder.request_decoding import check_request_limits, decode_request
+from image_embedder.response_encoding import encode_response
+from image_embedder.settings import EncoderSettings
+from image_embedder.tools.paths import EXAMPLE_MODEL
+from image_embedder.tools.ts_server import TorchServe
 SHAPE = (3, 224, 224)
 NPY = "application/x-npy"
 IMAGENET = {"scale": 1 / 255, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -121,7 +116,7 @@ def make_models(work: str, names: list[str]) -> list[ModelSpec]:
     if "example" in names:
         folder = os.path.join(work, "example")
         os.makedirs(folder)
-        model_file = shutil.copy(os.path.join(REPO, "examples", "custom_model", "model.py"), folder)
+        model_file = shutil.copy(EXAMPLE_MODEL, folder)
         spec = importlib.util.spec_from_file_location("_bench_example", model_file)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -132,7 +127,7 @@ def make_models(work: str, names: list[str]) -> list[ModelSpec]:
     if "resnet18" in names:
         folder = os.path.join(work, "resnet18")
         os.makedirs(folder)
-        model_file = shutil.copy(os.path.join(SCRIPTS, "bench_models.py"), folder)
+        model_file = shutil.copy(bench_models.__file__, folder)
         weights = bench_models.make_weights(os.path.join(folder, "resnet18.pth"))
         specs.append(ModelSpec("resnet18", model_file, "ResNet18", weights, "layer4", dict(IMAGENET)))
     return specs

@@ -15,16 +15,14 @@ import argparse
 import multiprocessing as mp
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def _worker(threads: int, seconds: float, start, out) -> None:
     import torch
 
-    import bench_models
+    from image_embedder.tools import bench_models
 
     torch.set_num_threads(threads)
     model = bench_models.ResNet18().eval()

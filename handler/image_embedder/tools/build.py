@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -25,22 +26,21 @@ import torch
 
 import yaml
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HANDLER_DIR = os.path.join(REPO, "handler")
-sys.path.insert(0, HANDLER_DIR)
+import image_embedder
 
-from cli_args import add_weights_arguments, parse_kwargs, parse_shape, weights_settings  # noqa: E402
-from image_embedder.checkpoints import INDEX_SUFFIX, UnwrapOptions  # noqa: E402
-from image_embedder.encoder import ImageEncoder  # noqa: E402
-from image_embedder.errors import ConfigError  # noqa: E402
-from image_embedder.loading import build_model, file_sha256, import_model_file, load_weights  # noqa: E402
-from image_embedder.settings import POOLINGS, EncoderSettings  # noqa: E402
+
+from image_embedder.tools.cli_args import add_weights_arguments, parse_kwargs, parse_shape, weights_settings
+from image_embedder.checkpoints import INDEX_SUFFIX, UnwrapOptions
+from image_embedder.encoder import ImageEncoder
+from image_embedder.errors import ConfigError
+from image_embedder.loading import build_model, file_sha256, import_model_file, load_weights
+from image_embedder.settings import POOLINGS, EncoderSettings
 
 PACKAGE = "image_embedder"
 # Modules of the package that never run in a worker (the client sends the requests): left out of
 # the archive, so the server needs nothing the client imports (requests, urllib3).
-NOT_SERVED = ("client.py",)
-HANDLER_FILE = os.path.join(HANDLER_DIR, "encoder_handler.py")
+NOT_SERVED = ("client.py", "tools")
+HANDLER_FILE = importlib.util.find_spec("encoder_handler").origin  # the TorchServe adapter, beside the package
 # TorchServe keys written when the user brings no model-config.yaml: one worker that owns the
 # cores, and dynamic batching that waits at most 20 ms to fill a batch of 16 requests (what
 # scripts/bench.py found best for 16 concurrent single-image clients on a 2-core CPU).
@@ -227,7 +227,7 @@ def build_archive(spec: ArchiveSpec, quiet: bool = False) -> str:
                 f"embedding size {encoder.embedding_dim}")
 
         package_root = os.path.join(work, "package")
-        shutil.copytree(os.path.join(HANDLER_DIR, PACKAGE), os.path.join(package_root, PACKAGE),
+        shutil.copytree(os.path.dirname(image_embedder.__file__), os.path.join(package_root, PACKAGE),
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc", *NOT_SERVED))
         config_path = os.path.join(work, "model-config.yaml")
         with open(config_path, "w") as f:
@@ -271,7 +271,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="any other handler setting, VALUE read as YAML (e.g. --set normalize=true)")
     add_weights_arguments(parser)
     parser.add_argument("--name", default="encoder", help="model name: the archive is <name>.mar")
-    parser.add_argument("--export-path", default=os.path.join(REPO, "model_store"))
+    parser.add_argument("--export-path", default="model_store")
     args = parser.parse_args(argv)
     try:
         kwargs = parse_kwargs(args.model_kwargs)

@@ -3,15 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from typing import Any, Optional
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "handler"))
 
-from image_embedder.checkpoints import UnwrapOptions  # noqa: E402
-from image_embedder.errors import ConfigError  # noqa: E402
+from image_embedder.checkpoints import UnwrapOptions
+from image_embedder.errors import ConfigError
 
 
 def parse_shape(text: Optional[str], flag: str = "--input-shape") -> Optional[list[int]]:

@@ -27,8 +27,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "handler"))
-from image_embedder.client import EmbeddingClient, EmbeddingError, TokenError  # noqa: E402
+from image_embedder.client import EmbeddingClient, EmbeddingError, TokenError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CHECKPOINT = "checkpoint"

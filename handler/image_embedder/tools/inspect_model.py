@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Optional, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "handler"))
 
-from cli_args import add_weights_arguments, parse_kwargs, parse_shape, unwrap_options  # noqa: E402
-from image_embedder.errors import ConfigError  # noqa: E402
-from image_embedder.layer_table import ForwardFailed, format_table, layer_table  # noqa: E402
-from image_embedder.loading import load_model  # noqa: E402
+from image_embedder.tools.cli_args import add_weights_arguments, parse_kwargs, parse_shape, unwrap_options
+from image_embedder.errors import ConfigError
+from image_embedder.layer_table import ForwardFailed, format_table, layer_table
+from image_embedder.loading import load_model
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -27,8 +27,9 @@ from typing import Optional
 
 import yaml
 
-CONFIG_TEMPLATE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "deploy", "kserve", "config.properties")
+from image_embedder.tools.paths import REPO
+
+CONFIG_TEMPLATE = os.path.join(REPO, "deploy", "kserve", "config.properties")
 
 
 @dataclass

@@ -29,14 +29,10 @@ from typing import Optional
 import numpy as np
 import requests
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for path in (os.path.join(REPO, "tests"), os.path.join(REPO, "scripts")):
-    if path not in sys.path:
-        sys.path.insert(0, path)
 
-from reference import load_reference_model, reference_embeddings  # noqa: E402
-from ts_server import TorchServe  # noqa: E402
-
+from image_embedder.tools.reference import load_reference_model, reference_embeddings
+from image_embedder.tools.paths import EXAMPLE_MODEL
+from image_embedder.tools.ts_server import TorchServe
 IMAGE_SHAPE = (3, 224, 224)
 
 
@@ -281,10 +277,10 @@ def run_scenario(server: TorchServe, model: str, inputs: list[ClientInputs], dur
 
 
 def build_example(store: str) -> str:
-    from build_mar import ArchiveSpec, build_archive
+    from image_embedder.tools.build import ArchiveSpec, build_archive
 
     weights = os.path.join(store, "model_state_dict.pth")
-    model_file = os.path.join(REPO, "examples", "custom_model", "model.py")
+    model_file = EXAMPLE_MODEL
     subprocess.run([sys.executable, model_file, weights], check=True, capture_output=True)
     build_archive(ArchiveSpec(model_file, "CustomModel", weights, "conv1", name="encoder", export_path=store), quiet=True)
     return weights
@@ -303,7 +299,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     store = tempfile.mkdtemp(prefix="load-store-")
     weights = build_example(store)
-    model = load_reference_model(os.path.join(REPO, "examples", "custom_model", "model.py"), "CustomModel", weights)
+    model = load_reference_model(EXAMPLE_MODEL, "CustomModel", weights)
     inputs = make_inputs(model, args.clients, args.images_per_client)
     server = TorchServe(store, "encoder=encoder.mar")
     try:

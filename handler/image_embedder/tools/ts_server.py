@@ -14,8 +14,7 @@ from typing import Optional
 
 import requests
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHIPPED_CONFIG = os.path.join(REPO, "config.properties")
+from image_embedder.tools.paths import SHIPPED_CONFIG
 PORT_KEYS = ("inference_address", "management_address", "metrics_address")
 GRPC_KEYS = ("grpc_inference_port", "grpc_management_port")
 
