@@ -15,6 +15,7 @@ import yaml
 
 from image_embedder.tools.build import ArchiveSpec, build_archive
 from image_embedder.tools.ts_server import TorchServe
+
 IMAGE_SETTINGS = {
     "resize": 256,
     "center_crop": 224,

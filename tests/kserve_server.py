@@ -15,7 +15,9 @@ import time
 
 import requests
 
-from image_embedder.tools.ts_server import _torchserve, free_ports
+from image_embedder.tools.ts_server import _torchserve, free_ports, log_tail
+
+
 class KServeLayoutServer:
     """`start()` / `cleanup()`; `inference_url` serves both inference and management, as in KServe."""
 
@@ -66,14 +68,7 @@ class KServeLayoutServer:
         raise TimeoutError(f"{model} not ready after {timeout}s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 60) -> str:
-        chunks = []
-        for path in (self.log_path, os.path.join(self.workdir, "logs", "model_log.log")):
-            try:
-                with open(path, errors="replace") as f:
-                    chunks.append(f"--- {path}\n" + "".join(f.readlines()[-lines:]))
-            except OSError:
-                pass
-        return "\n".join(chunks)
+        return log_tail(self.workdir, self.log_path, lines)
 
     def _java_pid(self) -> int | None:
         try:

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import java_available
 from image_embedder.tools.paths import REPO
+
 pytestmark = pytest.mark.server
 
 

@@ -15,6 +15,7 @@ import yaml
 from image_embedder.tools.build import main
 from conftest import MODELS_DIR
 from image_embedder.tools.paths import REPO
+
 SCRIPT = os.path.join(REPO, "scripts", "build_mar.py")
 ALLOWED_THIRD_PARTY = {"torch", "numpy", "yaml", "ts", "image_embedder"}
 

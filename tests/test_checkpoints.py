@@ -27,6 +27,7 @@ from image_embedder.loading import load_model
 from image_embedder.tools.reference import load_reference_model, reference_embeddings
 from ts_inprocess import InProcessModel, Request
 from image_embedder.tools.ts_server import TorchServe
+
 MODEL_FILE = os.path.join(MODELS_DIR, "nested_net.py")
 KWARGS = {"width": 24}
 LAYER = "layer3.1.conv2"

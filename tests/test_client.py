@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -22,12 +21,12 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import java_available
+from conftest import private_example_server, scripted_embeddings, scripted_reply
 from image_embedder.client import EmbeddingClient, EmbeddingError, TokenError, encode_batch, flatten_images
 from image_embedder.tools.load_test import kill_worker, scale, wait_for_replacement, workers
 from image_embedder.tools.reference import reference_embeddings
 from image_embedder.tools.paths import REPO
-from image_embedder.tools.ts_server import TorchServe
+
 WORKER_DIED = b'{"code": 500, "type": "InternalServerException", "message": "Worker died."}'
 
 
@@ -104,19 +103,9 @@ class Scripted(BaseHTTPRequestHandler):
         if answer == "slow":
             Scripted.release.wait(10)  # held until the client has given up on it
         if answer not in (None, "slow"):
-            status, text = answer
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(text)))
-            self.end_headers()
-            self.wfile.write(text)
+            scripted_reply(self, *answer)
             return
-        buf = io.BytesIO()
-        np.save(buf, np.full((n, 2), 7, np.float32))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-npy")
-        self.send_header("Content-Length", str(len(buf.getvalue())))
-        self.end_headers()
-        self.wfile.write(buf.getvalue())
+        scripted_embeddings(self, n)
 
     def log_message(self, *args):
         pass
@@ -207,13 +196,7 @@ def test_large_inputs_go_in_batches_in_order(scripted):
 @pytest.fixture(scope="module")
 def client_server(example_archive, tmp_path_factory):
     """A private server (this module scales and kills its workers), serving the example as `encoder`."""
-    if not java_available():
-        pytest.fail("TorchServe needs Java 17")
-    store = tmp_path_factory.mktemp("client_store")
-    shutil.copy(example_archive, store / "encoder.mar")
-    server = TorchServe(str(store), "encoder=encoder.mar")
-    server.start(timeout=240)
-    server.wait_for_workers("encoder", timeout=240)
+    server = private_example_server(example_archive, str(tmp_path_factory.mktemp("client_store")))
     yield server
     server.cleanup()
 

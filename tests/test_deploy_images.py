@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from image_embedder.tools.paths import REPO
+
 IMAGES = {"deploy/Dockerfile": "deploy/k8s/deployment-cpu.yaml", "deploy/Dockerfile.cuda": "deploy/k8s/deployment-gpu.yaml"}
 
 

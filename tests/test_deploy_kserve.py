@@ -22,6 +22,7 @@ import torch
 from kserve_server import KServeLayoutServer
 from image_embedder.tools.reference import reference_embeddings
 from image_embedder.tools.paths import REPO
+
 pytestmark = pytest.mark.server
 ROUTES = ("/predictions/encoder", "/v1/models/encoder:predict", "/v2/models/encoder/infer")
 

@@ -25,6 +25,7 @@ import referencing
 import yaml
 
 from image_embedder.tools.paths import REPO
+
 K8S_VERSION = "1.37.0"
 DEPLOY = os.path.join(REPO, "deploy")
 # protocolVersions of KServe's kserve-torchserve ClusterServingRuntime (config/runtimes/kserve-torchserve.yaml)

@@ -15,6 +15,7 @@ import yaml
 
 from image_embedder.tools.paths import REPO
 from image_embedder.tools.ts_server import TorchServe
+
 pytestmark = pytest.mark.server
 K8S = os.path.join(REPO, "deploy", "k8s")
 

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from image_embedder.tools import embed
+from conftest import scripted_embeddings, scripted_reply
 from image_embedder.client import EmbeddingClient
-from image_embedder.tools.reference import load_reference_model, reference_embeddings
+from image_embedder.tools import embed
 from image_embedder.tools.paths import REPO
+from image_embedder.tools.reference import load_reference_model, reference_embeddings
+
 SCRIPT = os.path.join(REPO, "scripts", "embed.py")
 
 
@@ -148,18 +150,10 @@ class _Flaky(BaseHTTPRequestHandler):
         n = len(np.load(io.BytesIO(body))) if body.startswith(b"\x93NUMPY") else body.count(b"\x93NUMPY")
         type(self).seen.append((self.headers.get("Authorization"), n))
         if type(self).answers:
-            status, text = (lambda a: a if isinstance(a, tuple) else (a, b""))(type(self).answers.pop(0))
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(text)))
-            self.end_headers()
-            self.wfile.write(text)
+            answer = type(self).answers.pop(0)
+            scripted_reply(self, *(answer if isinstance(answer, tuple) else (answer,)))
             return
-        buf = io.BytesIO()
-        np.save(buf, np.full((n, 2), 7, np.float32))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-npy")
-        self.end_headers()
-        self.wfile.write(buf.getvalue())
+        scripted_embeddings(self, n)
 
     def log_message(self, *args):
         pass

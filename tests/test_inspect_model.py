@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from image_embedder.tools.paths import REPO
+
 SCRIPT = os.path.join(REPO, "scripts", "inspect_model.py")
 
 BRANCHY = textwrap.dedent('''

@@ -24,6 +24,7 @@ from image_embedder.tools.load_test import make_inputs, run_scenario
 from image_embedder.tools.reference import load_reference_model, reference_embeddings
 from ts_inprocess import InProcessModel, Request
 from image_embedder.tools.ts_server import TorchServe
+
 CLIENTS = 16
 BATCH_SIZE = 8  # this test archive's batchSize: the requests in one batch a worker runs
 CLIENT_TIMEOUT_S = 45.0  # far above any answered request here (max seen 7 s); bounds a lost one

@@ -17,6 +17,7 @@ from conftest import java_available, npy_bytes
 from image_embedder.tools.reference import reference_embeddings
 from ts_inprocess import InProcessModel, Request
 from image_embedder.tools.ts_server import TorchServe
+
 IMAGE = (3, 224, 224)
 PER_IMAGE = 3 * 224 * 224
 MAX_IMAGES = 6

@@ -19,6 +19,7 @@ from image_embedder.tools.build import ArchiveSpec, build_archive
 from conftest import MODELS_DIR, java_available, npy_bytes
 from image_embedder.tools.reference import load_reference_model, reference_embeddings
 from image_embedder.tools.ts_server import TorchServe
+
 pytestmark = pytest.mark.server
 TIMEOUT = 120
 NAME, LAYER, SIZE = "nested", "layer3.1.conv2", 16

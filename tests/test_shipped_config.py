@@ -16,6 +16,7 @@ import pytest
 import requests
 
 from image_embedder.tools.paths import REPO, SHIPPED_CONFIG
+
 LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 
 

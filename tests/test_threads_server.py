@@ -9,6 +9,7 @@ import pytest
 import requests
 
 from image_embedder.tools.ts_server import TorchServe
+
 pytestmark = pytest.mark.server
 
 

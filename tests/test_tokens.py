@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 import time
 from datetime import datetime
@@ -20,12 +19,12 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import java_available, npy_bytes
+from conftest import private_example_server, npy_bytes
 from image_embedder.client import EmbeddingClient
 from image_embedder.tools.reference import reference_embeddings
 from test_shipped_config import read_properties
 from image_embedder.tools.paths import SHIPPED_CONFIG
-from image_embedder.tools.ts_server import TorchServe
+
 YEAR_S = 365 * 24 * 3600
 AUTH_REFUSED = "InvalidKeyException"
 
@@ -53,13 +52,8 @@ def test_shipped_config_keys_outlive_a_year(torchserve):
 @pytest.fixture(scope="module")
 def short_expiry_server(example_archive, tmp_path_factory):
     """The shipped config with token_expiration_min=1."""
-    if not java_available():
-        pytest.fail("TorchServe needs Java 17")
-    store = tmp_path_factory.mktemp("token_store")
-    shutil.copy(example_archive, store / "encoder.mar")
-    server = TorchServe(str(store), "encoder=encoder.mar", overrides={"token_expiration_min": 1})
-    server.start(timeout=50)  # within the keys' first minute
-    server.wait_for_workers("encoder", timeout=50)
+    server = private_example_server(example_archive, str(tmp_path_factory.mktemp("token_store")),
+                                    {"token_expiration_min": 1}, timeout=50)  # within the keys' first minute
     yield server
     server.cleanup()
 

@@ -29,6 +29,7 @@ from image_embedder.tools.reference import reference_embeddings
 from ts_inprocess import InProcessModel
 from image_embedder.tools.paths import REPO
 from image_embedder.tools.ts_server import TorchServe
+
 BUILD_MAR = os.path.join(REPO, "scripts", "build_mar.py")
 
 

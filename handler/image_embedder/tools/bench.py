@@ -47,6 +47,7 @@ from image_embedder.response_encoding import encode_response
 from image_embedder.settings import EncoderSettings
 from image_embedder.tools.paths import EXAMPLE_MODEL
 from image_embedder.tools.ts_server import TorchServe
+
 SHAPE = (3, 224, 224)
 NPY = "application/x-npy"
 IMAGENET = {"scale": 1 / 255, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}

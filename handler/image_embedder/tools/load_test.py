@@ -33,6 +33,7 @@ import requests
 from image_embedder.tools.reference import load_reference_model, reference_embeddings
 from image_embedder.tools.paths import EXAMPLE_MODEL
 from image_embedder.tools.ts_server import TorchServe
+
 IMAGE_SHAPE = (3, 224, 224)
 
 
