@@ -1,30 +1,59 @@
 """TorchServe adapter for image_embedder: settings from model-config.yaml, one status per request.
 
 TorchServe loads exactly one class from this module, so everything else lives in image_embedder.
+
+What it takes from BaseHandler: the initialize / preprocess / inference / postprocess names and meanings,
+`self.context` / `self.manifest` / `self.initialized`, and TorchServe's `@timed` on the three steps
+(`profile: true` under `handler:` in model-config.yaml logs their times, as for any TorchServe handler).
+What it does not: BaseHandler.initialize loads `serializedFile` itself and `handle` runs one body through
+the model; here the model is loaded from the `handler:` settings by the engine, and `handle` answers
+each request of a batch on its own (status, content type, headers).
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from dataclasses import replace
 from http import HTTPStatus
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+from ts.handler_utils.timer import timed
 from ts.torch_handler.base_handler import BaseHandler
 
-from image_embedder.encoder import ImageEncoder, resolve_device, threads_per_worker
+from image_embedder.encoder import ImageEncoder, resolve_device
 from image_embedder.errors import RequestError
 from image_embedder.image_decoding import ImageDecoder
+from image_embedder.kserve_v2 import HEADER_LENGTH
 from image_embedder.request_decoding import (
-    DecodedRequest, check_request_limits, decode_multipart, decode_request, request_body,
+    DecodedRequest, Describe, accepted_content_types, check_no_part_dropped, check_request_limits, decode_multipart,
+    decode_request, request_body,
 )
-from image_embedder.response_encoding import JSON_TYPE, encode_response
+from image_embedder.response_encoding import JSON_TYPE, EncodedResponse, encode_response
 from image_embedder.settings import EncoderSettings
+from image_embedder.worker_threads import WorkerThreads, threads_per_worker
 
 logger = logging.getLogger(__name__)
-Decoded = Union[DecodedRequest, RequestError, None]  # None: a describe request
+
+
+Decoded = Union[DecodedRequest, RequestError, Describe]
+Result = Union[np.ndarray, RequestError, Describe]
+
+
+def _request_headers(context: Any, idx: int) -> dict[str, Any]:
+    """One request's headers, names lower-cased; multipart parts appear under their part name as dicts."""
+    try:
+        return {str(k).lower(): v for k, v in context.get_all_request_header(idx).items()}
+    except (AttributeError, IndexError, TypeError):
+        return {}
+
+
+def _text(headers: dict[str, Any], name: str) -> Optional[str]:
+    value = headers.get(name)
+    return value if isinstance(value, str) else None
 
 
 class EmbeddingHandler(BaseHandler):
@@ -38,109 +67,119 @@ class EmbeddingHandler(BaseHandler):
         model_config = getattr(context, "model_yaml_config", None) or {}
         settings = EncoderSettings.from_mapping(model_config.get("handler"))
         self.device = resolve_device(settings.device, properties.get("gpu_id"))
+        model_dir = properties.get("model_dir") or "."
+        self.threads: Optional[WorkerThreads] = None
         if settings.num_threads is None and self.device.type == "cpu":
-            # Each worker is its own process with torch's default of one thread per core: with
-            # maxWorkers of them, give each its share so the workers don't fight over the cores.
-            torch.set_num_threads(threads_per_worker(int(model_config.get("maxWorkers") or 1)))
-        self.encoder = ImageEncoder(settings, properties.get("model_dir") or ".", self.device)
+            # Each worker is its own process; workers come and go with scaling: each keeps its share.
+            try:
+                self.threads = WorkerThreads(os.path.join(model_dir, ".workers"))
+                self.threads.refresh()
+            except OSError:  # a read-only model folder: size from maxWorkers once, as TorchServe will start them
+                logger.warning("cannot write %s/.workers; torch threads sized from maxWorkers", model_dir)
+                torch.set_num_threads(threads_per_worker(int(model_config.get("maxWorkers") or 1)))
+        self.encoder = ImageEncoder(settings, model_dir, self.device)
         self.model = self.encoder.model
         self.image_decoder = ImageDecoder.from_settings(settings)
         self.model_name = context.model_name
         self.initialized = True
-        logger.info("image encoder ready: %s; torch threads %d", json.dumps(self.encoder.describe()),
-                    torch.get_num_threads())
+        logger.info("image encoder ready: %s", json.dumps(self.describe()))
 
-    # -- request headers -------------------------------------------------------------------
-    def _headers(self, idx: int) -> dict[str, Any]:
-        try:
-            return {str(k).lower(): v for k, v in self.context.get_all_request_header(idx).items()}
-        except (AttributeError, IndexError, TypeError):
-            return {}
+    def describe(self) -> dict:
+        """The engine's description, what this server accepts, and this worker's process and threads."""
+        return {
+            **self.encoder.describe(),
+            "content_types": accepted_content_types(self.image_decoder is not None),
+            "worker": {"pid": os.getpid(), "torch_threads": torch.get_num_threads(),
+                       "live_workers": self.threads.workers if self.threads is not None else None},
+        }
 
-    @staticmethod
-    def _content_type(headers: dict[str, Any], row: dict) -> str:
-        for name in ("body", "data", *row.keys()):
-            part = headers.get(str(name).lower())
-            if isinstance(part, dict) and part.get("content-type"):
-                return part["content-type"]
-        value = headers.get("content-type")
-        return value if isinstance(value, str) else ""
-
-    def _header(self, idx: int, name: str) -> Optional[str]:
-        value = self._headers(idx).get(name)
-        return value if isinstance(value, str) else None
-
-    def _decode(self, idx: int, row: dict) -> DecodedRequest:
+    # -- the three steps ---------------------------------------------------------------------
+    def _decode(self, row: dict, headers: dict[str, Any]) -> DecodedRequest:
         """multipart/form-data: TorchServe hands each part as its own key of `row`, with the part's
         Content-Type in the request headers under the part's name; anything else is one body."""
-        headers = self._headers(idx)
-        request_type = headers.get("content-type")
-        if isinstance(request_type, str) and request_type.lower().startswith("multipart/"):
+        request_type = _text(headers, "content-type") or ""
+        if request_type.lower().startswith("multipart/"):
             parts = []
             for name, value in row.items():
                 part = headers.get(str(name).lower())
                 parts.append((str(name), value, part.get("content-type", "") if isinstance(part, dict) else ""))
+            check_no_part_dropped(parts, headers.get("content-length"), request_type)
             return decode_multipart(parts, self.image_decoder)
-        return decode_request(request_body(row), self._content_type(headers, row), self.image_decoder)
+        content_type = request_type
+        for name in ("body", "data", *row.keys()):  # the part's own type, when TorchServe recorded one
+            part = headers.get(str(name).lower())
+            if isinstance(part, dict) and part.get("content-type"):
+                content_type = part["content-type"]
+                break
+        return decode_request(request_body(row), content_type, self.image_decoder, _text(headers, HEADER_LENGTH))
 
-    # -- the three steps ---------------------------------------------------------------------
+    @timed
     def preprocess(self, data: list[dict]) -> list[Decoded]:
         """Decode and check each request on its own: a bad one becomes its RequestError."""
         s = self.encoder.settings
         decoded: list[Decoded] = []
         self.image_decoder.prefetch(data)  # this batch's PNG/JPEGs decode in parallel from here on
         for idx, row in enumerate(data):
-            if str(self._header(idx, "describe")).lower() == "true":
-                decoded.append(None)
+            headers = _request_headers(self.context, idx)
+            if str(headers.get("describe")).lower() == "true":
+                decoded.append(Describe())
                 continue
             try:
-                request = self._decode(idx, row or {})
+                request = self._decode(row or {}, headers)
                 check_request_limits(request, s.max_images_per_request, s.max_batch_pixels)
-                decoded.append(request)
+                decoded.append(replace(request, accept=_text(headers, "accept")))
             except RequestError as exc:
-                decoded.append(exc)
+                body = request_body(row or {})
+                v2 = HEADER_LENGTH in headers or (isinstance(body, dict) and "inputs" in body)
+                decoded.append(exc.for_kserve_v2() if v2 else exc)
             except Exception as exc:  # a decoder bug must still cost only this request
                 logger.exception("decoding request %d failed", idx)
                 decoded.append(RequestError(500, "InternalError", f"decoding failed: {type(exc).__name__}: {exc}"))
         return decoded
 
-    def inference(self, decoded: list[Decoded], *args: Any, **kwargs: Any) -> list[Union[np.ndarray, RequestError, None]]:
+    @timed
+    def inference(self, decoded: list[Decoded], *args: Any, **kwargs: Any) -> list[Result]:
         """Embed all good requests together; errors and describe requests pass through untouched."""
-        good = [i for i, d in enumerate(decoded) if isinstance(d, DecodedRequest)]
-        results: list[Union[np.ndarray, RequestError, None]] = list(decoded)  # type: ignore[arg-type]
-        embedded = self.encoder.embed_requests([decoded[i].images for i in good])  # type: ignore[union-attr]
-        for i, result in zip(good, embedded):
-            results[i] = result
+        good = [(i, d) for i, d in enumerate(decoded) if isinstance(d, DecodedRequest)]
+        results: list[Result] = list(decoded)
+        if good:
+            embedded = self.encoder.embed_requests([d.images for _, d in good])
+            for (i, _), result in zip(good, embedded):
+                results[i] = result
         return results
 
-    def postprocess(self, results: list[Union[np.ndarray, RequestError, None]], decoded: list[Decoded]) -> list[bytes]:
-        """Serialize each answer once and set its status and Content-Type."""
+    @timed
+    def postprocess(self, results: list[Result], decoded: list[Decoded]) -> list[bytes]:
+        """Serialize each answer once and set its status, Content-Type and headers."""
         out = []
-        for idx, result in enumerate(results):
+        for idx, (result, request) in enumerate(zip(results, decoded)):
             if isinstance(result, RequestError):
-                out.append(self._error(idx, result))
-                continue
-            if result is None:
-                self.context.set_response_content_type(idx, JSON_TYPE)
-                out.append(json.dumps(self.encoder.describe(), separators=(",", ":")).encode("utf-8"))
-                continue
-            body, content_type = encode_response(result, decoded[idx], self.model_name, self._header(idx, "accept"))
-            self.context.set_response_content_type(idx, content_type)
-            out.append(body)
+                v2 = isinstance(request, DecodedRequest) and request.protocol == "kserve_v2"
+                answer = self._error(idx, result.for_kserve_v2() if v2 else result)
+            elif isinstance(result, Describe):
+                answer = EncodedResponse(json.dumps(self.describe(), separators=(",", ":")).encode("utf-8"), JSON_TYPE)
+            else:
+                assert isinstance(request, DecodedRequest)
+                answer = encode_response(result, request, self.model_name)
+            self.context.set_response_content_type(idx, answer.content_type)
+            for name, value in answer.headers.items():  # TorchServe passes these through to the client
+                self.context.set_response_header(idx, name, value)
+            out.append(answer.body)
         return out
 
-    def _error(self, idx: int, error: RequestError) -> bytes:
+    def _error(self, idx: int, error: RequestError) -> EncodedResponse:
         try:
             phrase = HTTPStatus(error.status).phrase
         except ValueError:
             phrase = error.kind
         self.context.set_response_status(error.status, phrase, idx)
-        self.context.set_response_content_type(idx, JSON_TYPE)
-        return error.to_json().encode("utf-8")
+        return EncodedResponse(error.to_json().encode("utf-8"), JSON_TYPE)
 
     def handle(self, data: list[dict], context: Any) -> list[bytes]:
         """One TorchServe batch: decoded, embedded together, each request answered on its own."""
         self.context = context
+        if self.threads is not None:
+            self.threads.refresh()
         start = time.perf_counter()
         decoded = self.preprocess(data)
         forward_start = time.perf_counter()
@@ -150,7 +189,7 @@ class EmbeddingHandler(BaseHandler):
         self._record_metrics(decoded, forward_ms, (time.perf_counter() - start) * 1000, results)
         return out
 
-    def _record_metrics(self, decoded: list[Decoded], forward_ms: float, total_ms: float, results: list) -> None:
+    def _record_metrics(self, decoded: list[Decoded], forward_ms: float, total_ms: float, results: list[Result]) -> None:
         """Per TorchServe batch: images embedded and requests refused (counters), images per request,
         requests per batch, forward and handler-overhead times (gauges). Prometheus shows them when
         model_metrics_auto_detect=true (config.properties)."""

@@ -12,6 +12,7 @@
 #        (a dry run of the script itself on a CPU machine: the cuda tests skip, the bench runs on the CPU)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/handler${PYTHONPATH:+:$PYTHONPATH}"  # the engine, without `pip install -e .`
 OUT="${OUT:-out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-}"

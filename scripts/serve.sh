@@ -1,31 +1,46 @@
 #!/usr/bin/env bash
-# From nothing to a served embedding: make the environment, build the example archive into
+# From nothing to a served embedding: make the environment, build the example into
 # model_store/encoder.mar, start TorchServe with config.properties, wait for /ping, embed one image.
-# Stop the server with: .venv/bin/torchserve --stop
+#   scripts/serve.sh          start (restarting the server this script started before, if any)
+#   scripts/serve.sh --stop   stop the server this script started, and no other
+# TorchServe's `--stop` stops whatever server the pid file in $TMPDIR names. This script gives its
+# server a private TMPDIR (and TEMP, where the worker sockets go) under out/serve/, so stopping
+# it never touches another project's TorchServe.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+STATE="$PWD/out/serve"
+mkdir -p "$STATE/tmp" logs
+export TMPDIR="$STATE/tmp" TEMP="$STATE/tmp"
+stop() { .venv/bin/torchserve --stop --foreground >/dev/null 2>&1 || true; }
+if [ "${1:-}" = "--stop" ]; then
+  [ -x .venv/bin/torchserve ] && stop
+  echo "stopped the TorchServe started by scripts/serve.sh (if it was running)"
+  exit 0
+fi
 bash scripts/setup_env.sh
 PY=.venv/bin/python
-mkdir -p build/example logs
+mkdir -p build/example
 $PY examples/custom_model/model.py build/example/model_state_dict.pth >/dev/null
 $PY scripts/build_mar.py --model-file examples/custom_model/model.py --model-class CustomModel \
   --state-dict build/example/model_state_dict.pth --layer conv1 --input-shape 3,224,224 \
   --name encoder --export-path model_store
-.venv/bin/torchserve --stop >/dev/null 2>&1 || true
+stop
 rm -f key_file.json
 # TorchServe keeps its stdout: send it to a file, never to a pipe.
 .venv/bin/torchserve --start --ncs --ts-config config.properties --model-store model_store \
   --models encoder=encoder.mar >logs/torchserve.out 2>&1
-$PY - <<'PY'
-import io, json, sys, time
+INFERENCE=$(sed -n 's/^inference_address=//p' config.properties) $PY - <<'PY'
+import io, json, os, sys, time
 import numpy as np, requests
+
+url = os.environ["INFERENCE"]
 
 deadline = time.time() + 120
 while time.time() < deadline:
     try:
         key = json.load(open("key_file.json"))["inference"]["key"]
         auth = {"Authorization": f"Bearer {key}"}
-        if requests.get("http://127.0.0.1:8080/ping", headers=auth, timeout=2).json().get("status") == "Healthy":
+        if requests.get(f"{url}/ping", headers=auth, timeout=2).json().get("status") == "Healthy":
             break
     except (OSError, ValueError, KeyError, requests.RequestException):
         pass
@@ -34,11 +49,11 @@ else:
     sys.exit("TorchServe did not become healthy in 120 s: see logs/torchserve.out")
 image = np.random.default_rng(0).random((3, 224, 224), dtype=np.float32)
 buf = io.BytesIO(); np.save(buf, image)
-r = requests.post("http://127.0.0.1:8080/predictions/encoder", data=buf.getvalue(),
+r = requests.post(f"{url}/predictions/encoder", data=buf.getvalue(),
                   headers={**auth, "Content-Type": "application/x-npy"}, timeout=60)
 r.raise_for_status()
 embedding = np.asarray(r.json()["embeddings"][0])
 print(f"served: POST /predictions/encoder -> embedding of shape {embedding.shape}")
 PY
-echo "TorchServe is running (inference 127.0.0.1:8080, management 127.0.0.1:8081); token in key_file.json."
-echo "Stop it with: .venv/bin/torchserve --stop"
+echo "TorchServe is running with config.properties (inference $(sed -n 's/^inference_address=//p' config.properties)); tokens in key_file.json."
+echo "Stop it with: scripts/serve.sh --stop"

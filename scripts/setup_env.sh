@@ -17,8 +17,15 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.requirements.sha
-want=$(sha256sum requirements.txt | cut -d' ' -f1)
+want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q -r requirements.txt >&2
+  # This project itself (engine, client, tools, the image-embedder command), editable, with the
+  # versions pinned above: nothing else is resolved or downloaded.
+  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . >&2
   echo "$want" > "$stamp"
+fi
+# KServe's SDK models for the manifest tests, without the KServe server's dependencies.
+if ! .venv/bin/python -m pip show kserve 2>/dev/null | grep -qx 'Version: 0.21.0'; then
+  .venv/bin/python -m pip install -q --no-deps -r deploy/requirements-kserve.txt >&2
 fi

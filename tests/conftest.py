@@ -7,14 +7,17 @@ import shutil
 import subprocess
 import sys
 
+from typing import Optional
+
 import numpy as np
 import pytest
 import torch
 
-from build_mar import build_archive
-from reference import load_reference_model
+from image_embedder.tools.build import ArchiveSpec, build_archive
+from image_embedder.tools.paths import REPO
+from image_embedder.tools.reference import load_reference_model
+from image_embedder.tools.ts_server import TorchServe
 from ts_inprocess import InProcessModel
-from ts_server import REPO, TorchServe
 
 EXAMPLE_DIR = os.path.join(REPO, "examples", "custom_model")
 MODELS_DIR = os.path.join(os.path.dirname(__file__), "models")
@@ -24,6 +27,21 @@ def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
+
+
+def scripted_reply(handler, status: int, body: bytes = b"", content_type: str = "") -> None:
+    """Answer one request of a scripted stand-in server (http.server handler) with `body`."""
+    handler.send_response(status)
+    if content_type:
+        handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def scripted_embeddings(handler, n: int) -> None:
+    """A stand-in server's good answer: (n, 2) embeddings of 7s as .npy."""
+    scripted_reply(handler, 200, npy_bytes(np.full((n, 2), 7, np.float32)), "application/x-npy")
 
 
 def java_available() -> bool:
@@ -56,13 +74,26 @@ def model_store(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def example_archive(example_files, model_store) -> str:
-    return build_archive(example_files["model_file"], example_files["class"], example_files["state_dict"],
-                         "conv1", input_shape=[3, 224, 224], name="encoder", export_path=model_store, quiet=True)
+    return build_archive(ArchiveSpec(example_files["model_file"], example_files["class"], example_files["state_dict"],
+                         "conv1", input_shape=[3, 224, 224], name="encoder", export_path=model_store), quiet=True)
 
 
 @pytest.fixture(scope="session")
 def example_service(example_archive) -> InProcessModel:
     return InProcessModel(example_archive)
+
+
+def private_example_server(example_archive: str, store: str, overrides: Optional[dict] = None,
+                           timeout: float = 240.0) -> TorchServe:
+    """A TorchServe of a test module's own (it scales, kills or expires things), serving the example
+    as `encoder` with a READY worker; the caller calls cleanup()."""
+    if not java_available():
+        pytest.fail("TorchServe needs Java 17 (apt-get install -y openjdk-17-jre-headless)")
+    shutil.copy(example_archive, os.path.join(store, "encoder.mar"))
+    server = TorchServe(store, "encoder=encoder.mar", overrides=overrides)
+    server.start(timeout=timeout)
+    server.wait_for_workers("encoder", timeout=timeout)
+    return server
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,8 @@ import textwrap
 import torch
 import yaml
 
-from build_mar import build_archive
-from ts_server import TorchServe
+from image_embedder.tools.build import ArchiveSpec, build_archive
+from image_embedder.tools.ts_server import TorchServe
 
 IMAGE_SETTINGS = {
     "resize": 256,
@@ -70,14 +70,14 @@ def build_feature_archives(example_files: dict, store: str) -> dict:
     config = os.path.join(store, "ts-config.yaml")
     with open(config, "w") as f:
         yaml.safe_dump(TS_CONFIG, f)
-    common = dict(config_file=config, export_path=store, quiet=True)
-    build_archive(example_files["model_file"], example_files["class"], example_files["state_dict"], "conv1",
-                  input_shape=[3, 224, 224], name="images", settings=IMAGE_SETTINGS, **common)
-    build_archive(example_files["model_file"], example_files["class"], example_files["state_dict"],
-                  ",".join(MULTI_LAYERS), input_shape=[3, 64, 64], name="multi", settings=MULTI_SETTINGS, **common)
+    common = dict(config_file=config, export_path=store)
+    build_archive(ArchiveSpec(example_files["model_file"], example_files["class"], example_files["state_dict"], "conv1",
+                  input_shape=[3, 224, 224], name="images", settings=IMAGE_SETTINGS, **common), quiet=True)
+    build_archive(ArchiveSpec(example_files["model_file"], example_files["class"], example_files["state_dict"],
+                  ",".join(MULTI_LAYERS), input_shape=[3, 64, 64], name="multi", settings=MULTI_SETTINGS, **common), quiet=True)
     chlast = write_channels_last_model(store)
-    build_archive(chlast["model_file"], chlast["class"], chlast["state_dict"], "proj", model_kwargs=chlast["kwargs"],
-                  input_shape=[3, 32, 32], name="chlast", settings={"channel_axis": -1}, **common)
+    build_archive(ArchiveSpec(chlast["model_file"], chlast["class"], chlast["state_dict"], "proj", model_kwargs=chlast["kwargs"],
+                  input_shape=[3, 32, 32], name="chlast", settings={"channel_axis": -1}, **common), quiet=True)
     return chlast
 
 

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from conftest import java_available
-from ts_server import REPO
+from image_embedder.tools.paths import REPO
 
 pytestmark = pytest.mark.server
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from build_mar import main
+from image_embedder.tools.build import main
 from conftest import MODELS_DIR
-from ts_server import REPO
+from image_embedder.tools.paths import REPO
 
 SCRIPT = os.path.join(REPO, "scripts", "build_mar.py")
 ALLOWED_THIRD_PARTY = {"torch", "numpy", "yaml", "ts", "image_embedder"}
@@ -75,6 +75,26 @@ def test_every_flag_of_the_issue(user_files, tmp_path, capsys):
     assert handler["normalize"] is True  # the user's own handler setting is kept
 
 
+def test_a_plain_state_dict_is_packed_as_it_is_without_warning(user_files, tmp_path, capsys):
+    assert main(full_cli(user_files, tmp_path)) == 0
+    err = capsys.readouterr().err
+    assert "weights: a plain state_dict: 12 tensors" in err and "warning" not in err
+    with zipfile.ZipFile(tmp_path / "nested.mar") as z:
+        assert z.read("nested.pth") == (user_files / "nested.pth").read_bytes()
+
+
+def test_build_archive_takes_one_spec(user_files, tmp_path):
+    from image_embedder.tools.build import ArchiveSpec, build_archive
+
+    spec = ArchiveSpec(str(user_files / "nested_net.py"), "NestedNet", str(user_files / "nested.pth"), "features.0",
+                       pooling="max", name="spec", export_path=str(tmp_path), settings={"normalize": True})
+    path = build_archive(spec, quiet=True)
+    _, _, config, _ = read_archive(path)
+    assert config["handler"]["pooling"] == "max" and config["handler"]["normalize"] is True
+    with pytest.raises(TypeError):  # beyond the first four, fields are named
+        ArchiveSpec(str(user_files / "nested_net.py"), "NestedNet", None, "features.0", "max")
+
+
 def test_user_config_keeps_torchserve_keys(user_files, tmp_path):
     assert main(full_cli(user_files, tmp_path)) == 0
     _, _, config, _ = read_archive(tmp_path / "nested.mar")
@@ -133,7 +153,9 @@ def test_factory_with_kwargs_and_sibling_file(user_files, tmp_path, capsys):
     rc = main(["--model-file", str(os.path.join(MODELS_DIR, "factory_net.py")), "--model-class", "make_net",
                "--layer", "features.2", "--model-kwargs", '{"channels": 5, "depth": 2}',
                "--input-shape", "3,9,9", "--name", "factory", "--export-path", str(tmp_path)])
-    assert rc == 0 and "embedding size 5" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 0 and "embedding size 5" in err
+    assert "warning: no --state-dict: the archive holds make_net's freshly initialized (untrained) weights" in err
     rc = main(["--model-file", str(user_files / "sibling_user.py"), "--model-class", "SiblingNet",
                "--layer", "stem", "--extra-files", str(user_files / "sibling_parts_xq7.py"),
                "--input-shape", "3,6,6", "--name", "sib", "--export-path", str(tmp_path)])
@@ -155,11 +177,21 @@ def test_mistakes_fail_before_anything_is_written(user_files, tmp_path, capsys, 
     argv = full_cli(user_files, out)
     argv[argv.index(change[0]) + 1] = change[1]
     assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ")
+    lines = capsys.readouterr().err.splitlines()  # progress lines may come before the error
+    assert any(line.startswith("error: ") for line in lines)
+    err = "\n".join(lines[next(i for i, line in enumerate(lines) if line.startswith("error: ")):])
     for text in expected:
         assert text in err
     assert not out.exists() or not os.listdir(out)
+
+
+def test_errors_name_the_users_model_file_not_the_staged_copy(user_files, tmp_path, capsys):
+    argv = full_cli(user_files, tmp_path / "store")
+    argv[argv.index("--model-class") + 1] = "NestedNett"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"is not a class or function in {str(user_files / 'nested_net.py')!r}" in err
+    assert "mar-build-" not in err
 
 
 def test_bad_pooling_is_refused_by_the_parser(user_files, tmp_path, capsys):

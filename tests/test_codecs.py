@@ -2,6 +2,7 @@
 import io
 import json
 import pickle
+from dataclasses import astuple
 
 import numpy as np
 import pytest
@@ -174,6 +175,9 @@ def test_json_overflow_to_inf_is_refused():
     {"data": {"x": 1}},
     {"inputs": [{"name": "x", "shape": [1, 1, 2], "datatype": "FP32", "data": [1, 2, 3]}]},
     {"inputs": [{"name": "x", "shape": [1, 1, 2], "datatype": "BYTES", "data": ["a", "b"]}]},
+    {"inputs": [{"name": "x", "shape": [1, 1, 2], "datatype": "INT64", "data": [1, 2]}]},
+    {"inputs": [{"name": "x", "shape": [1, 1, 2], "datatype": "UINT8", "data": [1, 256]}]},
+    {"inputs": [{"name": "x", "shape": [1, 1, 2], "datatype": "UINT8", "data": [1, 2.5]}]},
     {"inputs": []},
     {"something": 1},
     [1, 2, 3],
@@ -189,7 +193,7 @@ def test_invalid_json_text():
 
 # -- responses ------------------------------------------------------------------------------------
 def test_default_response_is_compact_json():
-    body, ctype = encode_response(EMB, DecodedRequest([BATCH], "npy"), "encoder")
+    body, ctype, _ = astuple(encode_response(EMB, DecodedRequest([BATCH], "npy"), "encoder"))
     assert ctype == JSON_TYPE == "application/json"
     text = body.decode()
     assert " " not in text and "\n" not in text
@@ -198,21 +202,21 @@ def test_default_response_is_compact_json():
 
 
 def test_single_image_still_gets_a_list_of_rows():
-    body, _ = encode_response(EMB[:1], DecodedRequest([IMAGE[None]], "data"), "encoder")
+    body = encode_response(EMB[:1], DecodedRequest([IMAGE[None]], "data"), "encoder").body
     assert np.asarray(json.loads(body)["embeddings"]).shape == (1, 3)
 
 
 def test_kserve_v1_response():
-    body, ctype = encode_response(EMB, DecodedRequest([BATCH], "kserve_v1"), "encoder")
+    body, ctype, _ = astuple(encode_response(EMB, DecodedRequest([BATCH], "kserve_v1"), "encoder"))
     doc = json.loads(body)
     assert ctype == JSON_TYPE and list(doc) == ["predictions"]
     np.testing.assert_array_equal(np.asarray(doc["predictions"], np.float32), EMB)
 
 
 def test_kserve_v2_response():
-    body, ctype = encode_response(EMB, DecodedRequest([BATCH], "kserve_v2", "req-7"), "my-model")
+    body, ctype, headers = astuple(encode_response(EMB, DecodedRequest([BATCH], "kserve_v2", "req-7"), "my-model"))
     doc = json.loads(body)
-    assert ctype == JSON_TYPE
+    assert ctype == JSON_TYPE and headers == {}
     assert doc["model_name"] == "my-model" and doc["id"] == "req-7"
     [out] = doc["outputs"]
     assert (out["name"], out["shape"], out["datatype"]) == ("embedding", [2, 3], "FP32")
@@ -222,7 +226,7 @@ def test_kserve_v2_response():
 @pytest.mark.parametrize("accept", ["application/x-npy", "text/html, application/x-npy;q=0.9", "application/npy"])
 def test_npy_with_accept(accept):
     assert wants_npy(accept)
-    body, ctype = encode_response(EMB, DecodedRequest([BATCH], "kserve_v2"), "encoder", accept)
+    body, ctype, _ = astuple(encode_response(EMB, DecodedRequest([BATCH], "kserve_v2", accept=accept), "encoder"))
     assert ctype == NPY_TYPE == "application/x-npy"
     out = np.load(io.BytesIO(body), allow_pickle=False)
     assert out.dtype == np.float32
@@ -232,4 +236,4 @@ def test_npy_with_accept(accept):
 @pytest.mark.parametrize("accept", [None, "", "application/json", "*/*"])
 def test_json_for_other_accepts(accept):
     assert not wants_npy(accept)
-    assert encode_response(EMB, DecodedRequest([BATCH], "npy"), "encoder", accept)[1] == JSON_TYPE
+    assert encode_response(EMB, DecodedRequest([BATCH], "npy", accept=accept), "encoder").content_type == JSON_TYPE

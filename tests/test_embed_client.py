@@ -1,5 +1,6 @@
 """scripts/embed.py end to end against a real TorchServe: a folder of images and .npy files and one
-large .npy, batched and concurrent, names in order, a stopped run resumed, retries on 503/507."""
+large .npy, batched and concurrent, names in order, a stopped run resumed, a finished run not redone,
+retries on 503/507."""
 import io
 import json
 import os
@@ -12,9 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import embed
-from reference import load_reference_model, reference_embeddings
-from ts_server import REPO
+from conftest import scripted_embeddings, scripted_reply
+from image_embedder.client import EmbeddingClient
+from image_embedder.tools import embed
+from image_embedder.tools.paths import REPO
+from image_embedder.tools.reference import load_reference_model, reference_embeddings
 
 SCRIPT = os.path.join(REPO, "scripts", "embed.py")
 
@@ -60,11 +63,17 @@ def test_folder_of_images_and_npy_in_order(feature_torchserve, tmp_path, example
     np.testing.assert_allclose(got[3:5], reference_embeddings(example_model, "conv1", normalized.astype(np.float32)),
                                atol=1e-5)
     # each image's row equals the server's answer for that file alone, so order and batching hold
-    client = embed.Embedder(feature_torchserve.inference_url, "images", feature_torchserve.keys["inference"])
+    client = EmbeddingClient(feature_torchserve.inference_url, "images", token=feature_torchserve.keys["inference"])
     for row, name in enumerate(names):
         if name.endswith((".png", ".jpg")):
-            alone = client.embed([embed.Item(name, str(tmp_path / "in" / name))])
+            alone = client.embed(str(tmp_path / "in" / name))
             np.testing.assert_allclose(got[row], alone[0], atol=1e-5)
+    # the same command again: says it is done and sends nothing
+    again = run_cli(str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--url", feature_torchserve.inference_url,
+                    "--model", "images", "--token", "not-even-a-valid-token", "--batch-size", "3")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["embedded"] == 0 and "already complete" in again.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "embeddings.npy"), got)
 
 
 def chlast_npy(server, folder, name, count, seed):
@@ -103,8 +112,9 @@ def test_large_npy_stopped_and_resumed(feature_torchserve, tmp_path):
     assert names == [f"big.npy[{i}]" for i in range(23)]
 
     other = run_cli(str(tmp_path / "big.npy"), "--out", str(tmp_path / "out"), "--batch-size", "5", "--max-batches", "0",
-                    "--url", feature_torchserve.inference_url, "--model", "chlast", "--quiet")
-    assert other.returncode == 0  # the finished run removed its checkpoint: a new plan may start there
+                    "--url", feature_torchserve.inference_url, "--model", "chlast", "--quiet", "--restart")
+    assert other.returncode == 0  # --restart drops the finished run: a new plan may start there
+    assert json.loads(other.stdout)["resumed"] == 0 and not (tmp_path / "out" / "done.json").exists()
 
 
 @pytest.mark.server
@@ -125,7 +135,7 @@ def test_wrong_token_is_a_clear_error(feature_torchserve, tmp_path):
     np.save(tmp_path / "one.npy", np.zeros((3, 8, 8), np.float32))
     out = run_cli(str(tmp_path / "one.npy"), "--out", str(tmp_path / "out"), "--url", feature_torchserve.inference_url,
                   "--model", "chlast", "--token", "wrong", "--quiet")
-    assert out.returncode == 1 and "InvalidKeyException" in out.stderr and "token was refused" in out.stderr
+    assert out.returncode == 1 and "InvalidKeyException" in out.stderr and "token refused" in out.stderr
 
 
 class _Flaky(BaseHTTPRequestHandler):
@@ -137,20 +147,13 @@ class _Flaky(BaseHTTPRequestHandler):
 
     def do_POST(self):  # noqa: N802
         body = self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).seen.append((self.headers.get("Authorization"), body.count(b"\x93NUMPY")))
+        n = len(np.load(io.BytesIO(body))) if body.startswith(b"\x93NUMPY") else body.count(b"\x93NUMPY")
+        type(self).seen.append((self.headers.get("Authorization"), n))
         if type(self).answers:
-            status, text = (lambda a: a if isinstance(a, tuple) else (a, b""))(type(self).answers.pop(0))
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(text)))
-            self.end_headers()
-            self.wfile.write(text)
+            answer = type(self).answers.pop(0)
+            scripted_reply(self, *(answer if isinstance(answer, tuple) else (answer,)))
             return
-        buf = io.BytesIO()
-        np.save(buf, np.full((body.count(b"\x93NUMPY"), 2), 7, np.float32))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-npy")
-        self.end_headers()
-        self.wfile.write(buf.getvalue())
+        scripted_embeddings(self, n)
 
     def log_message(self, *args):
         pass
@@ -163,20 +166,41 @@ def test_retries_503_507_and_lost_worker_with_backoff(tmp_path):
     try:
         np.save(tmp_path / "x.npy", np.zeros((3, 3, 4, 4), np.float32))
         (tmp_path / "key_file.json").write_text(json.dumps({"inference": {"key": "k1"}}))
-        summary = embed.run([str(tmp_path / "x.npy")], str(tmp_path / "out"), url, "m",
-                            embed.read_token(None, str(tmp_path / "key_file.json")), batch_size=3,
-                            concurrency=1, backoff=0.01, quiet=True)
+        summary = embed.run(embed.RunSettings([str(tmp_path / "x.npy")], str(tmp_path / "out"), url, "m",
+                                              key_file=str(tmp_path / "key_file.json"), batch_size=3,
+                                              concurrency=1, backoff=0.01, quiet=True))
         assert summary["retries"] == 3 and summary["complete"]
-        assert _Flaky.seen == [("Bearer k1", 3)] * 4  # the same batch of 3 parts, tried four times
+        assert _Flaky.seen == [("Bearer k1", 3)] * 4  # the same batch of 3 images, tried four times
         np.testing.assert_array_equal(np.load(tmp_path / "out" / "embeddings.npy"), np.full((3, 2), 7, np.float32))
         _Flaky.answers = [503] * 3
         with pytest.raises(embed.ClientError, match="HTTP 503"):  # out of retries: a clear error
-            embed.run([str(tmp_path / "x.npy")], str(tmp_path / "out2"), url, "m", batch_size=3, retries=2,
-                      backoff=0.01, quiet=True)
+            embed.run(embed.RunSettings([str(tmp_path / "x.npy")], str(tmp_path / "out2"), url, "m", batch_size=3,
+                                        retries=2, backoff=0.01, quiet=True))
         _Flaky.answers = [(500, b'{"code": 500, "type": "InternalError", "message": "decoding failed"}')]
         with pytest.raises(embed.ClientError, match="HTTP 500"):  # a real server error is not retried
-            embed.run([str(tmp_path / "x.npy")], str(tmp_path / "out3"), url, "m", batch_size=3, retries=2,
-                      backoff=0.01, quiet=True)
+            embed.run(embed.RunSettings([str(tmp_path / "x.npy")], str(tmp_path / "out3"), url, "m", batch_size=3,
+                                        retries=2, backoff=0.01, quiet=True))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_finished_run_is_not_redone_unless_an_input_changed(tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Flaky.answers, _Flaky.seen = [], []
+    settings = embed.RunSettings([str(tmp_path / "x.npy")], str(tmp_path / "out"),
+                                 f"http://127.0.0.1:{server.server_port}", "m", batch_size=2, quiet=True)
+    try:
+        np.save(tmp_path / "x.npy", np.zeros((3, 3, 4, 4), np.uint8))
+        assert embed.run(settings)["embedded"] == 3 and len(_Flaky.seen) == 2
+        again = embed.run(settings)
+        assert again["already_complete"] and again["embedded"] == 0 and len(_Flaky.seen) == 2  # nothing sent
+        np.save(tmp_path / "x.npy", np.ones((3, 3, 4, 5), np.uint8))  # same name, new content
+        os.utime(tmp_path / "x.npy", ns=(1, 1))  # and a different mtime even on a coarse clock
+        changed = embed.run(settings)
+        assert changed["embedded"] == 3 and not changed.get("already_complete") and len(_Flaky.seen) == 4
+        assert embed.run(embed.RunSettings(**{**settings.__dict__, "restart": True}))["embedded"] == 3
     finally:
         server.shutdown()
         server.server_close()

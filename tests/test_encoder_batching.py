@@ -13,7 +13,7 @@ from conftest import MODELS_DIR
 from image_embedder.encoder import ImageEncoder
 from image_embedder.errors import RequestError
 from image_embedder.settings import EncoderSettings
-from reference import load_reference_model, reference_embeddings
+from image_embedder.tools.reference import load_reference_model, reference_embeddings
 
 LAYER = "layer3.1.conv2"
 

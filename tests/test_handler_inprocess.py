@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from build_mar import build_archive
+from image_embedder.tools.build import ArchiveSpec, build_archive
 from conftest import MODELS_DIR, npy_bytes
-from reference import load_reference_model, reference_embeddings
+from image_embedder.tools.reference import load_reference_model, reference_embeddings
 from ts_inprocess import InProcessModel, Request
 
 SIZE = 16  # every test image is (3, 16, 16) unless it says otherwise
@@ -61,8 +61,8 @@ def served(tmp_path_factory):
         torch.save(load_reference_model(path, cls, None, kwargs).state_dict(), weights)
         extra = dict(extra)
         extra["extra_files"] = [str(folder / f) for f in extra.get("extra_files", [])]
-        mar = build_archive(path, cls, weights, layer, pooling, kwargs, name=name, export_path=str(store),
-                            input_shape=[3, SIZE, SIZE], quiet=True, **extra)
+        mar = build_archive(ArchiveSpec(path, cls, weights, layer, pooling=pooling, model_kwargs=kwargs, name=name,
+                                        export_path=str(store), input_shape=[3, SIZE, SIZE], **extra), quiet=True)
         sys.modules.pop("sibling_parts_xq7", None)  # the archive must bring its own copy
         service = InProcessModel(mar, model_name=name)
         if name == "sibling":
@@ -91,7 +91,8 @@ def assert_error(resp, status, kind=None, *words):
     assert resp.status == status, (resp.status, resp.body[:500])
     assert resp.content_type == "application/json"
     doc = resp.json()
-    assert set(doc) == {"code", "type", "message"} and doc["code"] == status
+    assert set(doc) - {"error"} == {"code", "type", "message"} and doc["code"] == status
+    assert doc.get("error", doc["message"]) == doc["message"]  # KServe v2 requests also carry `error`
     if kind:
         assert doc["type"] == kind, doc
     for word in words:

@@ -1,7 +1,10 @@
 """Encoded images in: PNG/JPEG decoded with Pillow, EXIF orientation applied, RGB/L, resize the
 shorter side, center crop, then scale/mean/std; batches as multipart or base64 JSON; bad images 4xx.
 
-The reference preprocessing is written out here with PIL and numpy, independently of image_decoding.
+Expectations never repeat the decoder's arithmetic: the resize is checked against torch's antialiased
+bilinear interpolation (another implementation of what Pillow does) and against sizes worked out by
+hand; the served images have a shorter side of exactly 256, so the archive's resize keeps every
+pixel, and the model's input is the sent pixels cut at crop offsets written out as numbers.
 """
 import base64
 import io
@@ -10,15 +13,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import requests
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from feature_server import IMAGE_SETTINGS
 from image_embedder.errors import RequestError
 from image_embedder.image_decoding import ImageDecoder, color_mode_for
 from image_embedder.request_decoding import decode_multipart, decode_request
-from reference import reference_embeddings
-
-pytestmark = pytest.mark.server
+from image_embedder.tools.reference import reference_embeddings
 
 
 def encode(array: np.ndarray, fmt: str = "PNG", exif_orientation: int = 0) -> bytes:
@@ -43,18 +46,22 @@ def photo(seed: int, height: int, width: int, channels: int = 3) -> np.ndarray:
     return out[:, :, 0] if channels == 1 else out
 
 
-def by_hand(data: bytes, rotate_cw: bool = False) -> np.ndarray:
-    """The archive's preprocessing written out: RGB, shorter side 256 bilinear, center 224, /255, mean, std."""
-    image = Image.open(io.BytesIO(data)).convert("RGB")
-    w, h = image.size
-    new = (256, int(256 * h / w)) if w <= h else (int(256 * w / h), 256)
-    array = np.asarray(image.resize(new, Image.BILINEAR), dtype=np.float64)
-    if rotate_cw:  # EXIF orientation 6: shown rotated 90 degrees clockwise. The server rotates before
-        array = np.rot90(array, k=-1)  # resizing; callers pass a 256x256 image, so the order can't matter
-    top, left = int(round((array.shape[0] - 224) / 2)), int(round((array.shape[1] - 224) / 2))
-    array = array[top: top + 224, left: left + 224] / 255.0
-    array = (array - np.array(IMAGE_SETTINGS["mean"])) / np.array(IMAGE_SETTINGS["std"])
-    return array.transpose(2, 0, 1).astype(np.float32)
+# Images whose shorter side is already the archive's resize (256): (height, width) -> the top-left
+# corner of the central 224 x 224 window, counted by hand ((300 - 224) / 2 = 38, and so on).
+CROP_AT = {(300, 256): (38, 16), (256, 320): (16, 48), (400, 256): (88, 16), (256, 256): (16, 16)}
+
+
+def model_input(pixels: np.ndarray) -> np.ndarray:
+    """What the `images` archive must feed the model for these HxWx3 uint8 pixels: crop, /255, mean, std."""
+    top, left = CROP_AT[pixels.shape[:2]]
+    window = pixels[top: top + 224, left: left + 224].astype(np.float64) / 255.0
+    window = (window - np.array(IMAGE_SETTINGS["mean"])) / np.array(IMAGE_SETTINGS["std"])
+    return window.transpose(2, 0, 1).astype(np.float32)[None]
+
+
+def decoded(data: bytes) -> np.ndarray:
+    """A JPEG's pixels as Pillow decodes them (lossy: the sent array is not what arrives)."""
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 def post(server, model, **kwargs):
@@ -82,6 +89,30 @@ def test_decoder_steps_shapes_dtype_and_modes():
     padded = ImageDecoder("L", crop=12)(encode(np.full((8, 10), 200, np.uint8)), "image/png")[0][0, 0]
     assert padded.shape == (12, 12) and padded[0].max() == 0 and padded[2:10, 1:11].min() == 200
     assert ImageDecoder()(b"\x93NUMPY....", "application/x-npy") is None  # not an image: left to others
+
+
+@pytest.mark.parametrize("height, width, resize, expected_hw", [
+    (40, 24, 16, (26, 16)),  # portrait: width 24 -> 16, height 40 * 16 / 24 = 26.7 -> 26 (rounded down)
+    (30, 50, 20, (20, 33)),  # landscape: height 30 -> 20, width 50 * 20 / 30 = 33.3 -> 33
+    (21, 21, 21, (21, 21)),  # already the size: every pixel kept
+])
+def test_resize_matches_torch_antialiased_bilinear(height, width, resize, expected_hw):
+    pixels = np.random.default_rng(height).integers(0, 256, (height, width, 3)).astype(np.uint8)
+    [out] = ImageDecoder("RGB", resize=resize)(encode(pixels), "image/png")
+    assert out.shape == (1, 3) + expected_hw
+    other = F.interpolate(torch.from_numpy(pixels).permute(2, 0, 1)[None].double(), size=expected_hw,
+                          mode="bilinear", antialias=True, align_corners=False)[0].numpy()
+    # Pillow works in fixed point and rounds to uint8; torch in float64: at most one level apart
+    np.testing.assert_allclose(out[0].astype(np.float64), other, atol=1.0 + 1e-6)
+    if expected_hw == (height, width):
+        np.testing.assert_array_equal(out[0], pixels.transpose(2, 0, 1))
+
+
+def test_center_crop_takes_the_middle_window_counted_by_hand():
+    pixels = np.arange(6 * 9, dtype=np.uint8).reshape(6, 9)
+    [out] = ImageDecoder("L", crop=4)(encode(pixels), "image/png")
+    # 6 rows -> drop 1 above and 1 below; 9 columns -> drop 2 or 3 on the left: torchvision rounds 2.5 to 2
+    np.testing.assert_array_equal(out[0, 0], pixels[1:5, 2:6])
 
 
 def test_exif_orientation_is_applied():
@@ -128,10 +159,12 @@ def test_base64_and_multipart_decoding_errors_name_the_item():
 
 # -- a real TorchServe ---------------------------------------------------------------------------
 
+@pytest.mark.server
 def test_one_png_matches_reference_by_hand(feature_torchserve, example_model):
-    data = encode(photo(10, 300, 260))  # portrait: shorter side is the width
+    pixels = photo(10, 300, 256)  # portrait: the width is the shorter side
+    data = encode(pixels)
     got = embeddings(post(feature_torchserve, "images", data=data, headers={"Content-Type": "image/png"}))
-    want = reference_embeddings(example_model, "conv1", by_hand(data))
+    want = reference_embeddings(example_model, "conv1", model_input(pixels))
     assert got.shape == (1, 10)
     np.testing.assert_allclose(got, want, atol=1e-5)
     # the same bytes sent with no content type are sniffed as PNG
@@ -139,16 +172,21 @@ def test_one_png_matches_reference_by_hand(feature_torchserve, example_model):
     np.testing.assert_allclose(sniffed, got, atol=1e-6)
 
 
+@pytest.mark.server
 def test_jpeg_with_exif_rotation_matches_reference(feature_torchserve, example_model):
-    data = encode(photo(11, 256, 256), "JPEG", exif_orientation=6)  # square: resize is a no-op, crop commutes
+    data = encode(photo(11, 256, 256), "JPEG", exif_orientation=6)
     got = embeddings(post(feature_torchserve, "images", data=data, headers={"Content-Type": "image/jpeg"}))
-    want = reference_embeddings(example_model, "conv1", by_hand(data, rotate_cw=True))
+    # orientation 6: shown rotated 90 degrees clockwise
+    want = reference_embeddings(example_model, "conv1", model_input(np.rot90(decoded(data), k=-1)))
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.server
 def test_multipart_and_base64_batches_answer_in_order(feature_torchserve, example_model):
-    images = [encode(photo(20, 240, 320)), encode(photo(21, 230, 230), "JPEG"), encode(photo(22, 400, 250))]
-    want = np.concatenate([reference_embeddings(example_model, "conv1", by_hand(d)) for d in images])
+    pixels = [photo(20, 256, 320), photo(21, 256, 256), photo(22, 400, 256)]
+    images = [encode(pixels[0]), encode(pixels[1], "JPEG"), encode(pixels[2])]
+    inputs = [model_input(pixels[0]), model_input(decoded(images[1])), model_input(pixels[2])]
+    want = np.concatenate([reference_embeddings(example_model, "conv1", x) for x in inputs])
     files = [(f"img{i}", (f"{i}.bin", d, "image/png" if d[:4] == b"\x89PNG" else "image/jpeg"))
              for i, d in enumerate(images)]
     np.testing.assert_allclose(embeddings(post(feature_torchserve, "images", files=files)), want, atol=1e-5)
@@ -159,9 +197,11 @@ def test_multipart_and_base64_batches_answer_in_order(feature_torchserve, exampl
     np.testing.assert_allclose(embeddings(post(feature_torchserve, "images", json=body)), want, atol=1e-5)
 
 
+@pytest.mark.server
 def test_bad_images_get_4xx_and_cost_others_nothing(feature_torchserve, example_model):
-    good = encode(photo(30, 256, 256))
-    want = reference_embeddings(example_model, "conv1", by_hand(good))
+    pixels = photo(30, 256, 256)
+    good = encode(pixels)
+    want = reference_embeddings(example_model, "conv1", model_input(pixels))
     bomb = io.BytesIO()
     Image.new("1", (10_000, 10_000)).save(bomb, "PNG")  # 100 M pixels > Pillow's limit, ~20 kB on the wire
     bad = {

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from ts_server import REPO
+from image_embedder.tools.paths import REPO
 
 SCRIPT = os.path.join(REPO, "scripts", "inspect_model.py")
 
@@ -94,3 +94,44 @@ def test_bad_shape_and_kwargs_are_clear_errors():
     out = run_inspect("--model-file", model, "--model-class", "CustomModel", "--input-shape", "3,8,8",
                       "--model-kwargs", "[1]")
     assert out.returncode == 2 and "JSON object" in out.stderr
+
+
+def test_a_rejected_shape_lists_the_layers_that_ran_before_it():
+    """CustomModel's `x.view(-1, 16*53*53)` needs 224x224: at 64x64 conv1, pool, conv2 ran, then its own forward failed."""
+    model = os.path.join(REPO, "examples", "custom_model", "model.py")
+    out = run_inspect("--model-file", model, "--model-class", "CustomModel", "--input-shape", "3,64,64")
+    assert out.returncode == 1 and out.stdout == ""
+    lines = out.stderr.splitlines()
+    assert lines[0].startswith("error: the forward pass on shape 3,64,64 failed in CustomModel.forward itself, "
+                               "after `pool`: RuntimeError: shape '[-1, 44944]' is invalid")
+    assert lines[1].startswith("layers that ran before it (3, in order")
+    table = [line.split() for line in lines[2:]]
+    assert table[0][:3] == ["layer", "type", "output"]
+    # 64 -conv5-> 60 -pool-> 30 -conv5-> 26: shapes worked out by hand
+    assert [row[:3] for row in table[1:]] == [["conv1", "Conv2d", "1x10x60x60"], ["pool", "MaxPool2d", "1x10x30x30"],
+                                             ["conv2", "Conv2d", "1x16x26x26"]]
+
+
+def test_a_failure_inside_a_nested_layer_names_it(branchy_file):
+    # 3x2x2: stem keeps 2x2, then pos.0's 3x3 kernel is larger than its input
+    out = run_inspect("--model-file", branchy_file, "--model-class", "Branchy", "--input-shape", "3,2,2")
+    assert out.returncode == 1
+    assert "failed inside `pos.0`: RuntimeError" in out.stderr
+    ran = [line.split()[0] for line in out.stderr.splitlines()[3:]]  # after the error, the count, the header
+    assert ran == ["stem"]
+    out = run_inspect("--model-file", branchy_file, "--model-class", "Branchy", "--input-shape", "4,8,8")
+    assert "failed inside `stem`" in out.stderr and "no layer ran before it" in out.stderr
+
+
+def test_weights_of_a_wrapped_checkpoint(branchy_file, tmp_path):
+    namespace = {}
+    exec(BRANCHY, namespace)
+    model = namespace["Branchy"]()
+    path = tmp_path / "ddp.pth"
+    torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}, "epoch": 1}, path)
+    out = run_inspect("--model-file", branchy_file, "--model-class", "Branchy", "--input-shape", "3,8,8",
+                      "--state-dict", str(path), "--json")
+    assert out.returncode == 0, out.stderr
+    out = run_inspect("--model-file", branchy_file, "--model-class", "Branchy", "--input-shape", "3,8,8",
+                      "--state-dict", str(path), "--no-detect")
+    assert out.returncode == 2 and "add --checkpoint-key state_dict --strip-prefix module." in out.stderr

@@ -18,17 +18,18 @@ import requests
 import torch
 import yaml
 
-from build_mar import build_archive
+from image_embedder.tools.build import ArchiveSpec, build_archive
 from conftest import java_available, npy_bytes
-from load_test import make_inputs, run_scenario
-from reference import load_reference_model, reference_embeddings
+from image_embedder.tools.load_test import make_inputs, run_scenario
+from image_embedder.tools.reference import load_reference_model, reference_embeddings
 from ts_inprocess import InProcessModel, Request
-from ts_server import TorchServe
+from image_embedder.tools.ts_server import TorchServe
 
 CLIENTS = 16
 BATCH_SIZE = 8  # this test archive's batchSize: the requests in one batch a worker runs
 CLIENT_TIMEOUT_S = 45.0  # far above any answered request here (max seen 7 s); bounds a lost one
-RECOVERY_BOUND_S = 60.0  # stated in the README (Reliability); measured figures are far below it
+RECOVERY_BOUND_S = 60.0  # stated in docs/reliability.md; measured figures are far below it
+LOST_WITH_WORKER = ("Worker died", "Worker scaled down")  # TorchServe's messages for a stopped worker's jobs
 
 PICKY = textwrap.dedent('''
     import torch
@@ -61,8 +62,8 @@ def picky(tmp_path_factory) -> dict:
     config.write_text(yaml.safe_dump({"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 200,
                                       "responseTimeout": 120}))
     store = tmp_path_factory.mktemp("faults_store")
-    mar = build_archive(str(model_file), "Picky", str(weights), "conv1", config_file=str(config), name="picky",
-                        export_path=str(store), quiet=True)
+    mar = build_archive(ArchiveSpec(str(model_file), "Picky", str(weights), "conv1", config_file=str(config), name="picky",
+                        export_path=str(store)), quiet=True)
     return {"model": model, "mar": mar, "store": str(store)}
 
 
@@ -113,46 +114,45 @@ def test_forward_error_for_one_shape_fails_only_that_shape_on_a_real_server(faul
 
 @pytest.mark.server
 def test_load_scaling_and_a_killed_worker(fault_server, example_model):
+    """What TorchServe 0.12 guarantees under scaling and a SIGKILL, asserted with bounds derived from it.
+
+    Every answer is the client's own reference embedding. A failure is a 5xx ("Worker died." /
+    "Worker scaled down.") or, by a race in the same shutdown, no answer until the client's timeout
+    (the stopped worker's thread can poll jobs after its batch was failed: WorkerThread.shutdown,
+    pytorch/serve#1101). Either way it is a request a stopped worker held. Bounds:
+    - scale-down 3 -> 1 stops two workers; a worker holds at most one batch (Model.pollBatch takes at
+      most batchSize jobs), so failed + unanswered <= 2 * BATCH_SIZE, all sent before it ended;
+    - the kill: only requests in flight at that instant, so at most one per client (CLIENTS);
+    - nothing fails outside those two events, and scaling up loses nothing.
+    The scenario waits on state between phases (every client answered again), so the phases'
+    failures can't mix, whatever the machine's speed.
+    """
     inputs = make_inputs(example_model, CLIENTS, per_client=2, seed=3)
-    report = run_scenario(fault_server, "encoder", inputs, duration=6.0, scale_at=2.0, kill_at=0.0,
-                          timeout=CLIENT_TIMEOUT_S, tail=3.0, log=lambda *a: None)
+    report = run_scenario(fault_server, "encoder", inputs, duration=0.0, scale_at=0.0, kill_at=0.0,
+                          timeout=CLIENT_TIMEOUT_S, log=lambda *a: None)
     records, t0, events = report["records"], report["t0"], report["events"]
-    kill = t0 + events["kill"]
+    at = {name: t0 + offset for name, offset in events.items()}
     summary = {k: v for k, v in report.items() if k not in ("records", "t0")}  # shown whole on failure
     summary["failures"] = [(r.client, round(r.sent - t0, 2), round(r.done - t0, 2), r.status, r.detail[:160])
-                           for r in report["records"] if r.outcome != "ok"]
+                           for r in records if r.outcome != "ok"]
     summary = repr(summary)
-    ok = [r for r in records if r.outcome == "ok"]
-    failed = [r for r in records if r.outcome not in ("ok", "timeout")]
-    # every client got answers, all its own
-    assert {r.client for r in ok} == set(range(CLIENTS)), summary
+    # every client got answers, all its own: never a wrong or crossed embedding, never a refused connection
+    assert {r.client for r in records if r.outcome == "ok"} == set(range(CLIENTS)), summary
     assert not [r for r in records if r.outcome in ("wrong", "crossed", "connection_error")], summary
-    down, end = t0 + events["scale_down"], t0 + events["scale_end"]
-    # No hang, except TorchServe's own race: a worker being stopped can take a request it has just
-    # been handed and clear it unanswered (WorkerThread.shutdown + cleanJobs, same family as
-    # pytorch/serve#1101; seen once in ~10 runs). So at most one unanswered request, sent around
-    # the scale-down or the kill; a client timeout and retry recovers it (embedding is idempotent).
-    lost = [r for r in records if r.outcome == "timeout"]
-    assert len(lost) <= 1, summary
-    assert all(min(abs(r.sent - down), abs(r.sent - kill)) <= 2.0 for r in lost), summary
-    # scaling up under load loses nothing
-    assert all(r.done >= down for r in failed), summary
-    assert any(t0 + events["scale_start"] <= r.sent and r.done <= down for r in ok), summary
-    # scaling down: TorchServe 0.12 stops surplus workers at once, without draining them (upstream
-    # pytorch/serve#1101), so the batches they hold fail with 500 "Worker died." -- at most one batch per
-    # stopped worker, only requests in flight then, never a wrong answer or a hang
-    at_scale_down = [r for r in failed if r.done < kill]
-    assert all(r.sent <= end and r.done >= down and r.status == 500 and "Worker died" in r.detail
-               for r in at_scale_down), summary
+    failed = [r for r in records if r.outcome in ("http_error", "timeout")]
+    answered_failures = [r for r in failed if r.outcome == "http_error"]
+    assert all(r.status >= 500 and any(m in r.detail for m in LOST_WITH_WORKER) for r in answered_failures), summary
+    # scaling up under load loses nothing: no request ended in failure before the scale-down began
+    assert all(r.done >= at["scale_down"] for r in failed), summary
+    # the scale-down: requests sent before it ended, at most the two stopped workers' batches
+    at_scale_down = [r for r in failed if r.sent < at["scale_end"]]
     assert len(at_scale_down) <= 2 * BATCH_SIZE, summary
-    # the kill: only requests the worker held fail, each with a 5xx: all sent before the kill, and at
-    # most the batch it was running plus the next one TorchServe had already handed it (seen: 16 of 16
-    # clients once, 3-8 usually). Requests still in the frontend's queue go to the replacement.
-    at_kill = [r for r in failed if r.done >= kill]
-    assert all(r.sent <= kill and r.outcome == "http_error" and r.status >= 500 for r in at_kill), summary
-    assert len(at_kill) <= 2 * BATCH_SIZE, summary
-    # and service comes back: a replacement worker, then answers again, within the stated bound
+    # the kill: every other failure was in flight at the kill, one per client at most
+    at_kill = [r for r in failed if r.sent >= at["scale_end"]]
+    assert all(r.sent <= at["kill"] <= r.done for r in at_kill), summary
+    assert len(at_kill) <= CLIENTS and len({r.client for r in at_kill}) == len(at_kill), summary
+    # and service comes back: a replacement worker, then a correct answer for every client from it
     assert report["worker_back_s"] <= RECOVERY_BOUND_S, summary
     assert report["first_success_after_kill_s"] is not None and report["first_success_after_kill_s"] <= RECOVERY_BOUND_S
-    assert sum(r.sent > t0 + events["replaced"] for r in ok) >= CLIENTS, summary
+    assert {r.client for r in records if r.outcome == "ok" and r.sent >= at["replaced"]} == set(range(CLIENTS)), summary
     print(summary)

@@ -193,3 +193,23 @@ def test_nested_layers_resolve(nested_weights):
     assert resolve_layer(model, "features.0") is model.features[0]
     with pytest.raises(ConfigError):
         resolve_layer(model, "")
+
+
+def test_wrapped_weights_are_found_and_the_report_says_how(nested_weights, tmp_path):
+    from image_embedder.loading import load_weights
+
+    _, state = nested_weights
+    path = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": {"module." + k: v for k, v in state.items()}, "epoch": 7}, path)
+    model = load_model(NESTED, "NestedNet", str(path), {"width": 5})
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    fresh = build_model(import_model_file(NESTED), "NestedNet", {"width": 5})
+    report = load_weights(fresh, str(path), shown_as="my/wrapped.pth")
+    assert report.lines() == [f"took `state_dict`, stripped `module.`: {len(state)} tensors; ignored epoch"]
+
+
+def test_errors_name_the_file_as_shown(nested_weights):
+    path, _ = nested_weights
+    with pytest.raises(ConfigError) as err:
+        load_state_dict(path, sha256="0" * 64, shown_as="archive/nested.pth")
+    assert "'archive/nested.pth' has sha256" in str(err.value) and path not in str(err.value)

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from build_mar import build_archive
 from feature_server import IMAGE_SETTINGS
 from image_embedder.errors import ConfigError, RequestError
 from image_embedder.image_decoding import ImageDecoder
 from image_embedder.settings import EncoderSettings
-from reference import reference_embeddings
+from image_embedder.tools.build import ArchiveSpec, build_archive
+from image_embedder.tools.reference import reference_embeddings
 from ts_inprocess import InProcessModel, Request
 
 
@@ -157,9 +157,9 @@ def image_services(example_files, tmp_path_factory):
     store = str(tmp_path_factory.mktemp("parallel_store"))
     services = {}
     for threads in (1, 4):
-        mar = build_archive(example_files["model_file"], example_files["class"], example_files["state_dict"], "conv1",
-                            input_shape=[3, 224, 224], name=f"img{threads}", export_path=store, quiet=True,
-                            settings={**IMAGE_SETTINGS, "decode_threads": threads})
+        mar = build_archive(ArchiveSpec(example_files["model_file"], example_files["class"], example_files["state_dict"],
+                                        "conv1", input_shape=[3, 224, 224], name=f"img{threads}", export_path=store,
+                                        settings={**IMAGE_SETTINGS, "decode_threads": threads}), quiet=True)
         services[threads] = InProcessModel(mar, model_name=f"img{threads}")
     return services
 

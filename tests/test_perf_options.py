@@ -17,7 +17,7 @@ import torch
 from image_embedder.encoder import ImageEncoder
 from image_embedder.layer_tap import LayerTap
 from image_embedder.settings import EncoderSettings
-from reference import load_reference_model, reference_embeddings
+from image_embedder.tools.reference import load_reference_model, reference_embeddings
 
 SMALL_MODEL = textwrap.dedent('''
     import torch

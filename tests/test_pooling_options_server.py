@@ -6,7 +6,7 @@ import requests
 
 from conftest import npy_bytes
 from feature_server import MULTI_LAYERS, MULTI_SETTINGS
-from reference import load_reference_model, reference_embeddings
+from image_embedder.tools.reference import load_reference_model, reference_embeddings
 
 pytestmark = pytest.mark.server
 

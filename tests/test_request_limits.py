@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import requests
 
-from build_mar import build_archive
+from image_embedder.tools.build import ArchiveSpec, build_archive
 from conftest import java_available, npy_bytes
-from reference import reference_embeddings
+from image_embedder.tools.reference import reference_embeddings
 from ts_inprocess import InProcessModel, Request
-from ts_server import TorchServe
+from image_embedder.tools.ts_server import TorchServe
 
 IMAGE = (3, 224, 224)
 PER_IMAGE = 3 * 224 * 224
@@ -28,9 +28,9 @@ MAX_PIXELS = 2 * PER_IMAGE  # two example images per forward pass
 def limited_service(example_files, tmp_path_factory):
     """The example with max_images_per_request=6 and max_batch_pixels of two images, plus a pass counter."""
     store = tmp_path_factory.mktemp("limits_store")
-    mar = build_archive(example_files["model_file"], "CustomModel", example_files["state_dict"], "conv1",
-                        name="limited", export_path=str(store), quiet=True, batch_size=32,
-                        settings={"max_images_per_request": MAX_IMAGES, "max_batch_pixels": MAX_PIXELS})
+    mar = build_archive(ArchiveSpec(example_files["model_file"], "CustomModel", example_files["state_dict"], "conv1",
+                        name="limited", export_path=str(store), batch_size=32,
+                        settings={"max_images_per_request": MAX_IMAGES, "max_batch_pixels": MAX_PIXELS}), quiet=True)
     service = InProcessModel(mar)
     handler = service.service._entry_point.__self__
     passes: list[int] = []

@@ -15,10 +15,10 @@ import pytest
 import requests
 import yaml
 
-from build_mar import build_archive
+from image_embedder.tools.build import ArchiveSpec, build_archive
 from conftest import MODELS_DIR, java_available, npy_bytes
-from reference import load_reference_model, reference_embeddings
-from ts_server import TorchServe
+from image_embedder.tools.reference import load_reference_model, reference_embeddings
+from image_embedder.tools.ts_server import TorchServe
 
 pytestmark = pytest.mark.server
 TIMEOUT = 120
@@ -111,8 +111,8 @@ def batching_server(tmp_path_factory):
     config = folder / "model-config.yaml"
     config.write_text(yaml.safe_dump({"minWorkers": 1, "maxWorkers": 4, "batchSize": 8, "maxBatchDelay": 50,
                                       "responseTimeout": 120}))
-    build_archive(model_file, "NestedNet", weights, LAYER, model_kwargs={"log_batches": True},
-                  config_file=str(config), name=NAME, export_path=str(store), quiet=True)
+    build_archive(ArchiveSpec(model_file, "NestedNet", weights, LAYER, model_kwargs={"log_batches": True},
+                  config_file=str(config), name=NAME, export_path=str(store)), quiet=True)
     server = TorchServe(str(store), f"{NAME}={NAME}.mar")
     try:
         server.start(timeout=240)
@@ -235,20 +235,27 @@ def test_scaling_workers_while_requests_run(batching_server):
             answered.append(k)
             i += 1
 
+    def wait_for_answers(count, what):
+        """Poll until `count` more requests were answered: traffic really ran in this phase."""
+        goal, deadline = len(answered) + count, time.monotonic() + 2 * CLIENT_TIMEOUT_S
+        while len(answered) < goal:
+            assert time.monotonic() < deadline and not stop.is_set(), f"no traffic {what}: {failures[:3]}"
+            time.sleep(0.05)
+
     threads = [threading.Thread(target=client, args=(n * 5,)) for n in range(3)]
     for t in threads:
         t.start()
     try:
-        time.sleep(1)
+        wait_for_answers(6, "before scaling")
         _scale(server, 2)
         workers = requests.get(f"{server.management_url}/models/{NAME}", headers=server.headers("management"),
                                timeout=TIMEOUT).json()[0]["workers"]
         assert len(workers) == 2, workers
-        time.sleep(1)
+        wait_for_answers(6, "with two workers")
         during_up = len(answered)
         scale_down_started[0] = time.monotonic()
         _scale(server, 1)
-        time.sleep(1)
+        wait_for_answers(6, "after the scale-down")
     finally:
         stop.set()
         for t in threads:

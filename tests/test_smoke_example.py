@@ -2,7 +2,7 @@
 import numpy as np
 
 from conftest import npy_bytes
-from reference import reference_embeddings
+from image_embedder.tools.reference import reference_embeddings
 from ts_inprocess import Request
 
 

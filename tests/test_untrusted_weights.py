@@ -20,14 +20,15 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from build_mar import build_archive
+from image_embedder.tools.build import ArchiveSpec, build_archive
 from conftest import java_available, npy_bytes
 from image_embedder.encoder import ImageEncoder
 from image_embedder.errors import ConfigError
 from image_embedder.settings import EncoderSettings
-from reference import reference_embeddings
+from image_embedder.tools.reference import reference_embeddings
 from ts_inprocess import InProcessModel
-from ts_server import REPO, TorchServe
+from image_embedder.tools.paths import REPO
+from image_embedder.tools.ts_server import TorchServe
 
 BUILD_MAR = os.path.join(REPO, "scripts", "build_mar.py")
 
@@ -82,8 +83,8 @@ def test_pickled_code_in_weights_is_refused_at_build_time(example_files, example
     assert_live(weights, tmp_path, kind)
     store = tmp_path / "store"
     with pytest.raises(ConfigError, match="weights_only=True"):
-        build_archive(example_files["model_file"], "CustomModel", weights, "conv1",
-                      name="hostile", export_path=str(store), quiet=True)
+        build_archive(ArchiveSpec(example_files["model_file"], "CustomModel", weights, "conv1",
+                      name="hostile", export_path=str(store)), quiet=True)
     assert not os.path.exists(evidence), "building unpickled the weights"
     assert not (store / "hostile.mar").exists()
     if kind == "torch_save":  # and the CLI says so, with exit status 2

@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .checkpoints import UnwrapOptions
 from .errors import ConfigError, RequestError, bad_request
 from .layer_tap import LayerTap
 from .loading import load_model
@@ -51,13 +52,11 @@ def _shares(tensor: torch.Tensor, source: ArrayLike) -> bool:
     return tensor.device.type == "cpu"
 
 
-def threads_per_worker(workers: int) -> int:
-    """torch threads for one of `workers` CPU workers, so that workers x threads fits the cores."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, workers))
+def hwc_hint(shape: Sequence[int]) -> str:
+    """A hint for an image sent channels-last: (H, W, C) with C in 1/3/4 and H not."""
+    if len(shape) == 3 and shape[-1] in (1, 3, 4) and shape[0] not in (1, 3, 4):
+        return f"; {tuple(shape)} looks like (H,W,C): send (C,H,W), e.g. numpy's image.transpose(2, 0, 1)"
+    return ""
 
 
 class ImageEncoder:
@@ -77,6 +76,7 @@ class ImageEncoder:
             settings.model_init_kwargs,
             str(self.device),
             settings.sha256,
+            unwrap_options=UnwrapOptions.from_settings(settings),
         )
         if settings.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -203,15 +203,18 @@ class ImageEncoder:
                 batch = self.prepare([requests[r][p] for r, p in members])
                 embeddings = self.embed_prepared(batch)
             except RequestError as exc:
+                exc = RequestError(exc.status, exc.kind, exc.message + hwc_hint(shape)) if hwc_hint(shape) else exc
                 failures.update({r: exc for r, _ in members})
                 continue
             except torch.OutOfMemoryError as exc:
                 failures.update({r: RequestError(507, "OutOfMemory", f"out of memory for images of shape {shape}: {exc}") for r, _ in members})
                 continue
             except Exception as exc:  # the model's forward refused this shape
-                message = f"the model cannot embed images of shape {shape}: {type(exc).__name__}: {exc}"
+                message = f"the model cannot embed images of shape {shape}: {type(exc).__name__}: {exc}{hwc_hint(shape)}"
                 failures.update({r: RequestError(422, "ModelRejectedInput", message) for r, _ in members})
                 continue
+            if self.embedding_dim is None:  # learned from the first pass when the archive had no input_shape
+                self.embedding_dim = int(embeddings.shape[1])
             row = 0
             for r, p in members:
                 n = len(requests[r][p])
@@ -227,7 +230,8 @@ class ImageEncoder:
         return results
 
     def describe(self) -> dict:
-        """What is served: model class, layers, pooling, device, embedding size."""
+        """What is served (model class, layers, pooling, device, embedding size, known once one pass ran)
+        and what a client must know to send images: expected shape, preprocessing, limits."""
         s = self.settings
         return {
             "model_class": s.model_class_name,
@@ -238,6 +242,16 @@ class ImageEncoder:
             "device": str(self.device),
             "embedding_dim": self.embedding_dim,
             "input_shape": list(s.input_shape) if s.input_shape else None,
+            "channels": s.input_shape[0] if s.input_shape else None,
             "dtype": s.dtype,
             "default_batch_size": self.pass_size,
+            "preprocessing": {  # applied by the server, in this order: decode, resize, crop, scale, mean, std
+                "color_mode": s.color_mode,
+                "resize": s.resize,
+                "center_crop": s.center_crop,
+                "scale": s.scale,
+                "mean": list(s.mean) if s.mean is not None else None,
+                "std": list(s.std) if s.std is not None else None,
+            },
+            "limits": {"max_images_per_request": s.max_images_per_request, "max_batch_pixels": s.max_batch_pixels},
         }

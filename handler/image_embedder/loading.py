@@ -2,7 +2,7 @@
 
 The definition file is code that runs here: only load archives from people you trust. The
 weights, however, are never unpickled: torch files go through `weights_only=True`, safetensors
-through the safetensors library.
+through the safetensors library; checkpoints.py finds the state_dict inside training checkpoints.
 """
 from __future__ import annotations
 
@@ -13,10 +13,13 @@ import os
 import sys
 import uuid
 from types import ModuleType
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 import torch
 
+from .checkpoints import (UnwrapOptions, Unwrapped, dtype_changes, keep_weights_dtype, read_weights, unwrap,
+                          weights_dtype)
 from .errors import ConfigError
 
 
@@ -79,35 +82,20 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def load_state_dict(path: str, device: str = "cpu", sha256: Optional[str] = None) -> dict[str, torch.Tensor]:
-    """Read weights without unpickling objects: .safetensors or a torch file with weights_only."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"weights file {path!r} does not exist")
-    if sha256 is not None:
+def load_state_dict(path: str, device: str = "cpu", sha256: Optional[str] = None,
+                    shown_as: Optional[str] = None) -> dict[str, Any]:
+    """Read weights without unpickling objects (see checkpoints.read_weights), after the sha256 check.
+
+    The result may be a checkpoint container; `unwrap` finds the model's state_dict in it.
+    """
+    name = shown_as or path
+    if sha256 is not None and os.path.isfile(path):
         actual = file_sha256(path)
         if actual != sha256.lower():
             raise ConfigError(
-                f"weights file {path!r} has sha256 {actual}, expected {sha256.lower()}: the archive was altered"
+                f"weights file {name!r} has sha256 {actual}, expected {sha256.lower()}: the archive was altered"
             )
-    if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError as exc:
-            raise ConfigError("weights are .safetensors but the safetensors package is not installed") from exc
-        try:
-            return load_file(path, device=str(device))
-        except Exception as exc:
-            raise ConfigError(f"reading safetensors file {path!r} failed: {exc}") from exc
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:
-        raise ConfigError(
-            f"weights file {path!r} was refused: it is not a plain state_dict that loads with "
-            f"weights_only=True (objects are never unpickled). {type(exc).__name__}: {str(exc).splitlines()[0]}"
-        ) from exc
-    if not isinstance(state, Mapping):
-        raise ConfigError(f"weights file {path!r} holds a {type(state).__name__}, expected a state_dict mapping")
-    return dict(state)
+    return dict(read_weights(path, device, shown_as=name))
 
 
 def apply_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str = "weights") -> None:
@@ -127,6 +115,43 @@ def apply_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], 
         raise ConfigError(f"{source} do not fit the model: {exc}") from exc
 
 
+@dataclass
+class WeightsReport:
+    """What load_weights did: the reading taken, dtype casts, or the dtype the model was given."""
+
+    found: Unwrapped
+    casts: dict[tuple[str, str], int]
+    kept_dtype: Optional[torch.dtype] = None
+
+    def lines(self) -> list[str]:
+        out = [self.found.summary()]
+        for (src, dst), count in sorted(self.casts.items()):
+            out.append(f"cast {count} {src} tensors to {dst} (the model's dtype); keep_weights_dtype keeps {src}")
+        if self.kept_dtype is not None:
+            out.append(f"model converted to {str(self.kept_dtype).replace('torch.', '')}, the weights' dtype")
+        return out
+
+
+def load_weights(model: torch.nn.Module, path: str, options: UnwrapOptions = UnwrapOptions(), device: str = "cpu",
+                 sha256: Optional[str] = None, shown_as: Optional[str] = None) -> WeightsReport:
+    """Find the model's weights in the file at `path` and load them strictly; says what it did.
+
+    `shown_as` is the name errors and the report give the file (the user's path, not a staged copy).
+    """
+    name = shown_as or path
+    source = f"weights {name!r}"
+    found = unwrap(load_state_dict(path, device, sha256, shown_as=name), list(model.state_dict()), options, source)
+    casts = dtype_changes(model, found.state)
+    kept = None
+    if options.keep_dtype:
+        kept = weights_dtype(found.state, source)
+        if kept is not None:
+            keep_weights_dtype(model, kept)
+            casts = {}
+    apply_state_dict(model, found.state, source)
+    return WeightsReport(found, casts, kept)
+
+
 def load_model(
     definition_file: str,
     class_name: str,
@@ -134,10 +159,12 @@ def load_model(
     init_kwargs: Optional[Mapping[str, Any]] = None,
     device: str = "cpu",
     sha256: Optional[str] = None,
+    *,
+    unwrap_options: UnwrapOptions = UnwrapOptions(),
 ) -> torch.nn.Module:
-    """Import, build, load weights, move to `device` and switch to eval mode."""
+    """Import, build, load weights (finding them inside a checkpoint), move to `device`, eval mode."""
     module = import_model_file(definition_file)
     model = build_model(module, class_name, init_kwargs)
     if state_dict_path is not None:
-        apply_state_dict(model, load_state_dict(state_dict_path, device, sha256), source=f"weights {state_dict_path!r}")
+        load_weights(model, state_dict_path, unwrap_options, device, sha256)
     return model.to(device).eval()

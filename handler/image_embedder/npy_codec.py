@@ -46,6 +46,8 @@ def read_npy(body: bytes | bytearray | memoryview) -> np.ndarray:
         )
     if any(d < 0 for d in shape):
         raise bad_request(f".npy header has a negative dimension in shape {shape}", "InvalidNpy")
+    if math.prod(d for d in shape if d) * dtype.itemsize >= 2**62:  # numpy can't even describe it, empty or not
+        raise bad_request(f".npy header promises shape {shape} of {dtype}, too large for any array", "InvalidNpy")
     offset = stream.tell()
     count = math.prod(shape)
     expected = count * dtype.itemsize

@@ -2,10 +2,12 @@
 
 Accepted bodies:
 - .npy bytes (application/x-npy or application/octet-stream): one image (C,H,W) or a batch (N,C,H,W);
-- JSON `{"data": nested list}`, KServe v1 `{"instances": [...]}`, KServe v2 `{"inputs": [...]}`;
+- JSON `{"data": nested list}`, KServe v1 `{"instances": [...]}`, KServe v2 `{"inputs": [...]}`, and
+  KServe v2 binary (a JSON header + tensor bytes, with Inference-Header-Content-Length; see kserve_v2);
 - encoded images (PNG/JPEG), when an image decoder is plugged in (see `image_decoding`): one as the
   body, several as multipart/form-data (one part each) or JSON `{"images": ["<base64>", ...]}`.
 Values become float32 later, unscaled unless the settings ask for scale/mean/std.
+A form body (application/x-www-form-urlencoded, curl's default) is a 415 naming the Content-Type to send.
 """
 from __future__ import annotations
 
@@ -13,21 +15,19 @@ import base64
 import binascii
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
 
+from . import kserve_v2
 from .errors import RequestError, bad_request
 from .npy_codec import NPY_MAGIC, read_npy
 
 ALLOWED_DTYPES = (np.uint8, np.float16, np.float32, np.float64)
 ALLOWED_DTYPE_NAMES = ", ".join(np.dtype(d).name for d in ALLOWED_DTYPES)
-KSERVE_V2_DTYPES = {
-    "UINT8": np.uint8, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
-    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
-}
 NPY_CONTENT_TYPES = ("application/x-npy", "application/octet-stream", "application/npy")
+FORM_TYPE = "application/x-www-form-urlencoded"
 
 
 @dataclass
@@ -35,13 +35,19 @@ class DecodedRequest:
     """The images of one request, in request order (not grouped by shape), and how the client wants its answer."""
 
     images: list[np.ndarray]
-    protocol: str = "data"  # data | npy | kserve_v1 | kserve_v2
-    request_id: Optional[str] = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    protocol: str = "data"  # data | npy | image | kserve_v1 | kserve_v2
+    request_id: Optional[str] = None  # KServe v2 `id`, echoed
+    binary_output: bool = False  # KServe v2: the embedding goes back as binary tensor data
+    accept: Optional[str] = None  # the request's Accept header (asks for .npy)
 
     @property
     def count(self) -> int:
         return sum(len(a) for a in self.images)
+
+
+@dataclass(frozen=True)
+class Describe:
+    """A request with the `describe: true` header: answered with what is served, no embedding."""
 
 
 DecodeImage = Callable[[Any, str], Optional[list[np.ndarray]]]
@@ -89,33 +95,13 @@ def _json_array(data: Any, where: str, dtype: type = np.float32) -> np.ndarray:
     return array
 
 
-def _from_kserve_v2(payload: dict) -> DecodedRequest:
-    inputs = payload.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
-        raise bad_request('KServe v2 body needs a non-empty "inputs" list', "InvalidKServeV2")
-    images = []
-    for i, tensor in enumerate(inputs):
-        where = f"inputs[{i}]"
-        if not isinstance(tensor, dict):
-            raise bad_request(f"{where} must be an object with name, shape, datatype, data", "InvalidKServeV2")
-        shape, datatype, data = tensor.get("shape"), tensor.get("datatype", "FP32"), tensor.get("data")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-            raise bad_request(f"{where}.shape must be a list of integers, got {shape!r}", "InvalidKServeV2")
-        if any(d <= 0 for d in shape):
-            raise bad_request(f"{where}.shape {shape} has a zero or negative dimension", "InvalidKServeV2")
-        if datatype not in KSERVE_V2_DTYPES:
-            raise bad_request(
-                f"{where}.datatype {datatype!r} is not supported; use one of {', '.join(KSERVE_V2_DTYPES)}",
-                "UnsupportedDtype",
-            )
-        array = _json_array(data, f"{where}.data", dtype=np.float32)
-        if array.size != math.prod(shape):
-            raise bad_request(
-                f"{where}.shape {shape} needs {math.prod(shape)} values but data holds {array.size}",
-                "InvalidKServeV2",
-            )
-        images.append(check_images(array.reshape(shape), where))
-    return DecodedRequest(images, "kserve_v2", payload.get("id"), {"input_names": [t.get("name") for t in inputs]})
+def _from_kserve_v2(payload: Any, binary: Any, image_decoder: Optional[DecodeImage]) -> DecodedRequest:
+    decode_image = None
+    if image_decoder is not None:
+        def decode_image(data: bytes, where: str) -> list[np.ndarray]:
+            return _decode_image_part(data, "", where, image_decoder)
+    request = kserve_v2.decode(payload, binary, check_images, decode_image)
+    return DecodedRequest(request.images, "kserve_v2", request.request_id, binary_output=request.binary_output)
 
 
 def decode_json(payload: Any, image_decoder: Optional[DecodeImage] = None) -> DecodedRequest:
@@ -124,7 +110,7 @@ def decode_json(payload: Any, image_decoder: Optional[DecodeImage] = None) -> De
         if "images" in payload:
             return decode_base64_images(payload["images"], image_decoder)
         if "inputs" in payload:
-            return _from_kserve_v2(payload)
+            return _from_kserve_v2(payload, None, image_decoder)
         if "instances" in payload:
             return DecodedRequest([check_images(_json_array(payload["instances"], "instances"), "instances")], "kserve_v1")
         if "data" in payload:
@@ -151,9 +137,28 @@ def decode_request(
     body: Any,
     content_type: str = "",
     image_decoder: Optional[DecodeImage] = None,
+    header_length: Optional[str] = None,
 ) -> DecodedRequest:
-    """Decode one request body; the content type, else the bytes themselves, pick the format."""
+    """Decode one request body; the content type, else the bytes themselves, pick the format.
+    `header_length` is the Inference-Header-Content-Length header: a KServe v2 binary request."""
     content_type = (content_type or "").split(";")[0].strip().lower()
+    if content_type == FORM_TYPE:
+        raise RequestError(
+            415, "UnsupportedMediaType",
+            "Content-Type application/x-www-form-urlencoded (curl's default for --data) can't carry an image or "
+            "JSON: TorchServe parses it as a form and the body is lost; send it again with "
+            "-H 'Content-Type: application/json' (JSON), application/x-npy (.npy) or --data-binary with "
+            "image/png, image/jpeg",
+        )
+    if header_length is not None:
+        if isinstance(body, (dict, list)):  # TorchServe parsed a JSON-only body: no binary section
+            return _from_kserve_v2(body, memoryview(b""), image_decoder)
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        if not isinstance(body, (bytes, bytearray)):
+            raise bad_request(f"unsupported body of type {type(body).__name__}", "InvalidBody")
+        header, binary = kserve_v2.split_body(body, header_length)
+        return _from_kserve_v2(header, binary, image_decoder)
     if body is None or (isinstance(body, (bytes, bytearray, str)) and len(body) == 0):
         raise bad_request("request body is empty; send .npy bytes or a JSON body", "EmptyBody")
     if isinstance(body, (dict, list)):
@@ -238,6 +243,36 @@ def decode_multipart(parts: list[tuple[str, Any, str]], image_decoder: Optional[
     return DecodedRequest(images, "image")
 
 
+PART_HEADERS_MAX = 1024  # bytes of one part's own headers (Content-Disposition with names, Content-Type)
+
+
+def check_no_part_dropped(parts: list[tuple[str, Any, str]], content_length: Any, content_type: str) -> None:
+    """Refuse a multipart body whose parts TorchServe merged: it keys parts by name and keeps the last of
+    each name, so the handler never sees the others. What it can see is the body's Content-Length: if
+    that exceeds the parts handed over plus each part's framing (boundary and headers, at most
+    PART_HEADERS_MAX bytes), parts were dropped. A dropped part smaller than that framing slack
+    (a tiny file, not a real image) can't be told apart from long headers."""
+    try:
+        length = int(str(content_length))
+    except (TypeError, ValueError):
+        return  # chunked upload: no length to compare with
+    boundary = ""
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key.lower() == "boundary":
+            boundary = value.strip('"')
+    framing = len(parts) * (len(boundary) + 8 + PART_HEADERS_MAX) + len(boundary) + 8
+    received = sum(len(v) if isinstance(v, (bytes, bytearray, str)) else 0 for _, v, _ in parts)
+    if length - received > framing:
+        names = sorted({name for name, _, _ in parts})
+        raise bad_request(
+            f"the multipart body is {length} bytes but TorchServe handed over {received} bytes in {len(parts)} "
+            f"part(s) named {names}: parts that share a name are merged by TorchServe (it keeps the last one), so "
+            "some images would be lost; give each part its own name (-F img0=@a.jpg -F img1=@b.png)",
+            "RepeatedPartName",
+        )
+
+
 def check_request_limits(request: DecodedRequest, max_images: int, max_batch_pixels: int) -> None:
     """Refuse requests that would exhaust memory: too many images, or one image too big for a pass."""
     if request.count > max_images:
@@ -253,3 +288,12 @@ def check_request_limits(request: DecodedRequest, max_images: int, max_batch_pix
                 f"one image of shape {tuple(batch.shape[1:])} has {per_image} values; at most "
                 f"{max_batch_pixels} (max_batch_pixels) fit in one forward pass",
             )
+
+
+def accepted_content_types(images: bool) -> list[str]:
+    """The request Content-Types this server decodes (for describe and the docs)."""
+    types = ["application/x-npy", "application/octet-stream", "application/json",
+             "application/octet-stream with Inference-Header-Content-Length (KServe v2 binary)"]
+    if images:
+        types += ["image/png", "image/jpeg", "multipart/form-data"]
+    return types

@@ -1,16 +1,29 @@
-"""Embeddings out, in the protocol the request came in, serialized once (compact JSON or .npy)."""
+"""Embeddings out, in the protocol the request came in, serialized once (compact JSON, .npy or KServe v2
+binary tensor data)."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
+from . import kserve_v2
 from .npy_codec import write_npy
 from .request_decoding import DecodedRequest
 
 JSON_TYPE = "application/json"
 NPY_TYPE = "application/x-npy"
+BINARY_TYPE = "application/octet-stream"  # a KServe v2 JSON header followed by tensor bytes
+
+
+@dataclass(frozen=True)
+class EncodedResponse:
+    """One request's answer: body, Content-Type and any other response headers."""
+
+    body: bytes
+    content_type: str
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def wants_npy(accept: Optional[str]) -> bool:
@@ -20,27 +33,17 @@ def wants_npy(accept: Optional[str]) -> bool:
     )
 
 
-def encode_response(
-    embeddings: np.ndarray, request: DecodedRequest, model_name: str, accept: Optional[str] = None
-) -> tuple[bytes, str]:
-    """The response body and its Content-Type for one request's (N, D) float32 embeddings."""
+def encode_response(embeddings: np.ndarray, request: DecodedRequest, model_name: str) -> EncodedResponse:
+    """The answer for one request's (N, D) float32 embeddings: .npy when Accept asks for it, else the
+    request's own protocol."""
     embeddings = np.asarray(embeddings, dtype=np.float32)
-    if wants_npy(accept):
-        return write_npy(embeddings), NPY_TYPE
+    if wants_npy(request.accept):
+        return EncodedResponse(write_npy(embeddings), NPY_TYPE)
     if request.protocol == "kserve_v2":
-        body: dict = {
-            "model_name": model_name,
-            "outputs": [{
-                "name": "embedding",
-                "shape": list(embeddings.shape),
-                "datatype": "FP32",
-                "data": embeddings.ravel().tolist(),
-            }],
-        }
-        if request.request_id is not None:
-            body["id"] = request.request_id
-    elif request.protocol == "kserve_v1":
-        body = {"predictions": embeddings.tolist()}
+        body, headers = kserve_v2.encode(embeddings, model_name, request.request_id, request.binary_output)
+        return EncodedResponse(body, BINARY_TYPE if request.binary_output else JSON_TYPE, headers)
+    if request.protocol == "kserve_v1":
+        doc: dict = {"predictions": embeddings.tolist()}
     else:
-        body = {"embeddings": embeddings.tolist()}
-    return json.dumps(body, separators=(",", ":")).encode("utf-8"), JSON_TYPE
+        doc = {"embeddings": embeddings.tolist()}
+    return EncodedResponse(json.dumps(doc, separators=(",", ":")).encode("utf-8"), JSON_TYPE)

@@ -15,6 +15,9 @@ from .errors import ConfigError
 POOLINGS = ("avg", "max", "none", "cls", "gem")
 DTYPES = ("float32", "bfloat16", "float16")
 COLOR_MODES = ("auto", "RGB", "L")
+# Keys TorchServe itself reads from the same `handler:` section (ts/handler_utils/timer.py's @timed reads
+# `profile`): accepted here and left for TorchServe, never refused as typos.
+TORCHSERVE_HANDLER_KEYS = ("profile",)
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,11 @@ class EncoderSettings:
     jpeg_draft: bool = False  # let libjpeg decode at 1/2..1/8 scale when resize allows (faster, not exact)
     exact_resize: bool = True  # False: resize only the window center_crop keeps (faster, +-1 on a few pixels)
     max_image_pixels: Optional[int] = None  # per encoded image; None: Pillow's MAX_IMAGE_PIXELS
+    # where the weights sit in a training checkpoint (None: detected; see checkpoints.py)
+    checkpoint_key: Optional[str] = None
+    strip_prefix: Optional[str] = None
+    checkpoint_detect: bool = True
+    keep_weights_dtype: bool = False  # True: run in the weights' dtype instead of casting to the model's
 
     def pass_size(self, device_type: str) -> int:
         """The most images in one forward pass: the setting, else the original's 32 on a GPU and
@@ -69,7 +77,7 @@ class EncoderSettings:
     @classmethod
     def from_mapping(cls, raw: Optional[Mapping[str, Any]]) -> "EncoderSettings":
         """Check and convert a raw mapping (parsed YAML) into settings."""
-        raw = dict(raw or {})
+        raw = {k: v for k, v in dict(raw or {}).items() if k not in TORCHSERVE_HANDLER_KEYS}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
@@ -127,6 +135,12 @@ class EncoderSettings:
             for dim in self.input_shape:
                 _positive_int("input_shape entries", dim)
         for name in ("normalize", "early_exit", "channels_last", "compile", "jpeg_draft", "exact_resize"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("checkpoint_key", "strip_prefix"):  # where the weights sit in a checkpoint
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("checkpoint_detect", "keep_weights_dtype"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.sha256 is not None:

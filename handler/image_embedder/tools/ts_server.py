@@ -14,8 +14,8 @@ from typing import Optional
 
 import requests
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHIPPED_CONFIG = os.path.join(REPO, "config.properties")
+from image_embedder.tools.paths import SHIPPED_CONFIG
+
 PORT_KEYS = ("inference_address", "management_address", "metrics_address")
 GRPC_KEYS = ("grpc_inference_port", "grpc_management_port")
 
@@ -32,6 +32,18 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+def log_tail(workdir: str, launcher_log: str, lines: int = 60) -> str:
+    """The last lines of the launcher's output and of the workers' log, for a failure message."""
+    chunks = []
+    for path in (launcher_log, os.path.join(workdir, "logs", "model_log.log")):
+        try:
+            with open(path, errors="replace") as f:
+                chunks.append(f"--- {path}\n" + "".join(f.readlines()[-lines:]))
+        except OSError:
+            pass
+    return "\n".join(chunks)
 
 
 def _torchserve() -> str:
@@ -134,14 +146,7 @@ class TorchServe:
         raise TimeoutError(f"{model} has fewer than {count} ready workers after {timeout}s")
 
     def log_tail(self, lines: int = 60) -> str:
-        chunks = []
-        for path in (self.log_path, os.path.join(self.workdir, "logs", "model_log.log")):
-            try:
-                with open(path, errors="replace") as f:
-                    chunks.append(f"--- {path}\n" + "".join(f.readlines()[-lines:]))
-            except OSError:
-                pass
-        return "\n".join(chunks)
+        return log_tail(self.workdir, self.log_path, lines)
 
     def stop(self) -> None:
         """`torchserve --stop` with our TMPDIR, then make sure the process tree is gone."""

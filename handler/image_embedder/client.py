@@ -1,0 +1,330 @@
+"""A Python client for the image-embedder: arrays or encoded images in, (N, D) float32 out.
+
+    from image_embedder.client import EmbeddingClient
+
+    client = EmbeddingClient("http://127.0.0.1:8080", "encoder", key_file="key_file.json")
+    emb = client.embed(images)        # np.ndarray (N, D) float32, one row per image, in order
+    client.describe()                 # the served model's settings (layer, pooling, embedding_dim, ...)
+
+`images` is one array (C,H,W), a batch (N,C,H,W), or a list whose items are arrays, encoded
+images (PNG/JPEG `bytes`) or paths (PNG/JPEG files, or `.npy` files holding (C,H,W) or (N,C,H,W)).
+Large inputs go out `batch_size` images per request. Arrays travel as `.npy` (uint8 when the
+values are whole numbers in 0..255, else float32), encoded images as they are (multipart, one part
+per image), and the answer comes back as `.npy` (`Accept: application/x-npy`).
+
+Retried, because embedding is idempotent: dropped or reset connections and timeouts, 503 (busy),
+507 (out of memory) -- by urllib3's `Retry` with exponential backoff -- and TorchServe 0.12's 500
+"Worker died." (a batch lost with a worker that was killed or scaled down, pytorch/serve#1101).
+
+Tokens (TorchServe's token authorization, docs/auth.md): `token=` is sent as it is; `key_file=`
+is read for the inference key and read again whenever the server refuses it (a restarted server or a
+rotated key is picked up on its own). With `management_url=` as well, a key that has expired
+(`token_expiration_min`) is renewed through TorchServe's token API with the file's API key, so a
+local client keeps working however short the expiry.
+
+Needs numpy and requests only: no torch, no TorchServe.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+ImageInput = Union[np.ndarray, bytes, bytearray, str, os.PathLike]
+# A batch lost with its worker (killed, or stopped by a scale-down): safe to send again.
+LOST_WORKER_MESSAGES = ("Worker died", "Worker scaled down")
+# TorchServe 0.12 answers a missing, wrong or expired key with 400 InvalidKeyException.
+AUTH_MARKERS = ("InvalidKeyException", "Token Authorization failed", "Token Authentication failed")
+NPY = "application/x-npy"
+
+
+class EmbeddingError(RuntimeError):
+    """The server refused a request (bad input, wrong token) or stayed unavailable after all retries."""
+
+    def __init__(self, message: str, status: Optional[int] = None, body: str = "") -> None:
+        super().__init__(message)
+        self.status, self.body = status, body
+
+
+class TokenError(EmbeddingError):
+    """The inference key was refused and no fresh one could be found or made."""
+
+
+@dataclass
+class _Keys:
+    """What key_file.json holds: the inference key, its expiry, and the token API's key."""
+
+    inference: str
+    expires: Optional[float]  # seconds since the epoch; None: unknown
+    api: Optional[str]
+
+
+def read_key_file(path: str) -> _Keys:
+    """Parse TorchServe's key_file.json (written to the server's working directory)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        key = data["inference"]["key"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TokenError(f"cannot read the inference key from {path!r}: {exc}") from exc
+    expires = None
+    stamp = data["inference"].get("expiration time")
+    if isinstance(stamp, str):
+        try:  # Java's Instant.toString(): 2026-11-28T05:00:00.123456Z
+            expires = datetime.fromisoformat(stamp.replace("Z", "+00:00")).astimezone(timezone.utc).timestamp()
+        except ValueError:
+            pass
+    api = (data.get("API") or {}).get("key") if isinstance(data.get("API"), dict) else None
+    return _Keys(key, expires, api)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def wire_dtype(array: np.ndarray) -> np.ndarray:
+    """uint8 when every value is a whole number in 0..255 (4x smaller than float32), else float32."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype.kind in "biu" and array.size and array.min() >= 0 and array.max() <= 255:
+        return array.astype(np.uint8)
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"image array has dtype {array.dtype}; expected numbers (uint8 or float)")
+    return array.astype(np.float32, copy=False)
+
+
+def _image_type(data: bytes) -> str:
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "image/png"
+    if data[:3] == b"\xff\xd8\xff":
+        return "image/jpeg"
+    return "application/octet-stream"
+
+
+def _as_arrays(array: np.ndarray, where: str) -> list[np.ndarray]:
+    if array.ndim == 3:
+        return [array]
+    if array.ndim == 4:
+        return list(array)
+    raise ValueError(f"{where} has shape {array.shape}; expected one image (C,H,W) or a batch (N,C,H,W)")
+
+
+def flatten_images(images: Any) -> list[Union[np.ndarray, bytes]]:
+    """One entry per image, in order: (C,H,W) arrays and encoded image bytes."""
+    if isinstance(images, np.ndarray):
+        return _as_arrays(images, "images")
+    if isinstance(images, (bytes, bytearray, str, os.PathLike)):
+        images = [images]
+    items: list[Union[np.ndarray, bytes]] = []
+    for i, item in enumerate(images):
+        where = f"images[{i}]"
+        if isinstance(item, np.ndarray):
+            items.extend(_as_arrays(item, where))
+        elif isinstance(item, (bytes, bytearray)):
+            items.append(bytes(item))
+        elif isinstance(item, (str, os.PathLike)):
+            path = os.fspath(item)
+            if path.lower().endswith(".npy"):
+                items.extend(_as_arrays(np.load(path, allow_pickle=False), f"{where} ({path})"))
+            else:
+                with open(path, "rb") as f:
+                    items.append(f.read())
+        else:
+            raise TypeError(f"{where} is a {type(item).__name__}; expected a numpy array, image bytes or a path")
+    return items
+
+
+def encode_batch(batch: Sequence[Union[np.ndarray, bytes]]) -> dict:
+    """requests keyword arguments for one request: arrays of one shape as one (N,C,H,W) .npy body,
+    anything else as multipart/form-data with one part per image (names i0, i1, ... in order)."""
+    arrays = [b for b in batch if isinstance(b, np.ndarray)]
+    if len(arrays) == len(batch) and len({(a.shape, a.dtype) for a in arrays}) == 1:
+        return {"data": _npy(wire_dtype(np.stack(arrays))), "headers": {"Content-Type": NPY}}
+    files = []
+    for i, item in enumerate(batch):
+        if isinstance(item, np.ndarray):
+            files.append((f"i{i}", (f"i{i}.npy", _npy(wire_dtype(item)), NPY)))
+        else:
+            files.append((f"i{i}", (f"i{i}", item, _image_type(item))))
+    return {"files": files, "headers": {}}
+
+
+class EmbeddingClient:
+    """Embeds images through a running image-embedder on TorchServe; thread-safe."""
+
+    def __init__(self, url: str, model: str, token: Optional[str] = None, key_file: Optional[str] = None,
+                 timeout: float = 120.0, retries: int = 5, batch_size: int = 16, backoff: float = 0.5,
+                 management_url: Optional[str] = None) -> None:
+        """`url`: the inference address; `token`: the inference key, or `key_file`: TorchServe's
+        key_file.json (re-read when the key is refused); `timeout`: seconds per request; `retries`:
+        tries after a retriable failure; `management_url`: lets a key_file client renew an expired key."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.url, self.model = url.rstrip("/"), model
+        self.endpoint = f"{self.url}/predictions/{model}"
+        self.management_url = management_url.rstrip("/") if management_url else None
+        self.timeout, self.retries, self.batch_size, self.backoff = timeout, retries, batch_size, backoff
+        self.key_file = key_file
+        self._keys: Optional[_Keys] = read_key_file(key_file) if key_file and not token else None
+        self._token = token or (self._keys.inference if self._keys else None)
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self.retried = 0  # requests sent again (after a lost worker, 503/507, a reset or a timeout)
+        self.renewed = 0  # keys renewed through the token API
+
+    # --- transport -------------------------------------------------------------------------------
+    def _retry(self) -> Retry:
+        """Connection errors, resets, read timeouts and 503/507, for every method (embedding is idempotent)."""
+        return Retry(total=self.retries, connect=self.retries, read=self.retries, status=self.retries, other=0,
+                     allowed_methods=None, status_forcelist=(503, 507), backoff_factor=self.backoff,
+                     backoff_max=30.0, respect_retry_after_header=True, raise_on_status=False)
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.mount("http://", HTTPAdapter(max_retries=self._retry()))
+            session.mount("https://", HTTPAdapter(max_retries=self._retry()))
+            self._local.session = session
+        return session
+
+    def _send(self, method: str, **kwargs: Any) -> requests.Response:
+        """One logical request: the adapter's retries, then lost-worker retries and key refreshes."""
+        headers = dict(kwargs.pop("headers", {}))
+        attempt = refreshed = 0
+        while True:
+            token = self._current_token()
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
+            try:
+                response = self._session().request(method, self.endpoint, headers=headers, timeout=self.timeout,
+                                                   **kwargs)
+            except requests.RequestException as exc:
+                raise EmbeddingError(f"{self.endpoint} unreachable after {self.retries} retries: {exc}") from exc
+            self._count_retries(len(getattr(getattr(response.raw, "retries", None), "history", ()) or ()))
+            if response.status_code == 200:
+                return response
+            if self._is_auth_refusal(response) and refreshed < 2 and self._refresh(token):
+                refreshed += 1  # a fresh key (bounded: a file for another server must not loop)
+                continue
+            if self._lost_worker(response) and attempt < self.retries:
+                attempt += 1
+                self._count_retries(1)
+                time.sleep(min(30.0, self.backoff * 2 ** (attempt - 1)) * (0.5 + random.random()))
+                continue
+            raise self._error(response)
+
+    def _count_retries(self, count: int) -> None:
+        if count:
+            with self._lock:
+                self.retried += count
+
+    @staticmethod
+    def _lost_worker(response: requests.Response) -> bool:
+        return response.status_code >= 500 and any(m in response.text for m in LOST_WORKER_MESSAGES)
+
+    @staticmethod
+    def _is_auth_refusal(response: requests.Response) -> bool:
+        return response.status_code in (400, 401, 403) and any(m in response.text for m in AUTH_MARKERS)
+
+    def _error(self, response: requests.Response) -> EmbeddingError:
+        text = response.text[:1000]
+        if self._is_auth_refusal(response):
+            if self.key_file:
+                hint = (f"{self.key_file!r} holds no valid inference key; an expired key is renewed only with "
+                        "management_url= (docs/auth.md)")
+            elif self._token:
+                hint = "the token is wrong or has expired (token_expiration_min); get the current inference key"
+            else:
+                hint = "pass the inference key as token= or the server's key_file.json as key_file="
+            return TokenError(f"HTTP {response.status_code} from {self.endpoint}: token refused: {hint}: {text}",
+                              response.status_code, text)
+        return EmbeddingError(f"HTTP {response.status_code} from {self.endpoint}: {text}", response.status_code, text)
+
+    # --- tokens ----------------------------------------------------------------------------------
+    def _current_token(self) -> Optional[str]:
+        """The key to send; a key_file whose key has expired is renewed first (when it can be)."""
+        keys = self._keys
+        if keys is not None and keys.expires is not None and keys.expires <= time.time():
+            self._refresh(self._token)
+        return self._token
+
+    def _refresh(self, used: Optional[str]) -> bool:
+        """After `used` was refused (or found expired): a newer key from key_file, else a renewed one.
+        True when there is a different key to try. One thread renews; the others pick up its key."""
+        if not self.key_file:
+            return False
+        with self._lock:
+            if self._token != used:  # another thread already found a fresh key
+                return True
+            keys = read_key_file(self.key_file)
+            if keys.inference != used and (keys.expires is None or keys.expires > time.time()):
+                self._keys, self._token = keys, keys.inference
+                return True
+            if self.management_url and keys.api:
+                self._renew(keys.api)
+                self._keys = read_key_file(self.key_file)
+                self._token = self._keys.inference
+                self.renewed += 1
+                return self._token != used
+            self._keys = keys
+            return False
+
+    def _renew(self, api_key: str) -> None:
+        """TorchServe 0.12's token API: a new inference key (and expiry), written to key_file.json."""
+        url = f"{self.management_url}/token?type=inference"
+        response = self._session().get(url, headers={"Authorization": f"Bearer {api_key}"}, timeout=self.timeout)
+        if response.status_code != 200:
+            raise TokenError(f"renewing the inference key at {url} failed: HTTP {response.status_code} "
+                             f"{response.text[:300]}", response.status_code, response.text)
+
+    # --- API -------------------------------------------------------------------------------------
+    def embed(self, images: Any) -> np.ndarray:
+        """(N, D) float32 embeddings of `images` (see the module docstring), one row per image, in order."""
+        items = flatten_images(images)
+        if not items:
+            raise ValueError("no images to embed")
+        rows = [self.embed_batch(items[i: i + self.batch_size]) for i in range(0, len(items), self.batch_size)]
+        return np.concatenate(rows) if len(rows) > 1 else rows[0]
+
+    def embed_batch(self, batch: Sequence[Union[np.ndarray, bytes]]) -> np.ndarray:
+        """One request for `batch` (flattened images), whatever its size: (len(batch), D) float32."""
+        request = encode_batch(batch)
+        request["headers"]["Accept"] = NPY
+        response = self._send("POST", **request)
+        if response.headers.get("Content-Type", "").startswith(NPY):
+            out = np.load(io.BytesIO(response.content), allow_pickle=False)
+        else:
+            out = np.asarray(response.json()["embeddings"], dtype=np.float32)
+        if out.ndim != 2 or len(out) != len(batch):
+            raise EmbeddingError(f"server answered shape {out.shape} for a batch of {len(batch)} images")
+        return out.astype(np.float32, copy=False)
+
+    def describe(self) -> dict:
+        """What the served model says about itself: class, layer, pooling, embedding_dim, input shape, ..."""
+        return self._send("GET", headers={"describe": "True"}).json()
+
+    def close(self) -> None:
+        """Close this thread's connections (each thread has its own session)."""
+        session = getattr(self._local, "session", None)
+        if session is not None:
+            session.close()
+
+    def __enter__(self) -> "EmbeddingClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

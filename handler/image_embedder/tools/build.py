@@ -1,0 +1,297 @@
+#!/usr/bin/env python3
+"""Pack a user's model file, class/factory name, weights and layer into a self-contained TorchServe .mar.
+
+Before anything is written the model is imported, built, loaded and its layer resolved (and with
+--input-shape run once), so a mistake shows here with a clear message, not in a worker log.
+Training checkpoints (DataParallel, torch.compile, Lightning, EMA, sharded safetensors) are
+unwrapped here, and the archive holds only the clean weights (docs/weights.md).
+
+    python scripts/build_mar.py --model-file model.py --model-class CustomModel \
+        --state-dict weights.pth --layer conv1 --input-shape 3,224,224
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import KW_ONLY, dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+
+import torch
+
+import yaml
+
+import image_embedder
+
+
+from image_embedder.tools.cli_args import add_weights_arguments, parse_kwargs, parse_shape, weights_settings
+from image_embedder.checkpoints import INDEX_SUFFIX, UnwrapOptions
+from image_embedder.encoder import ImageEncoder
+from image_embedder.errors import ConfigError
+from image_embedder.loading import build_model, file_sha256, import_model_file, load_weights
+from image_embedder.settings import POOLINGS, EncoderSettings
+
+PACKAGE = "image_embedder"
+# Modules of the package that never run in a worker (the client sends the requests): left out of
+# the archive, so the server needs nothing the client imports (requests, urllib3).
+NOT_SERVED = ("client.py", "tools")
+HANDLER_FILE = importlib.util.find_spec("encoder_handler").origin  # the TorchServe adapter, beside the package
+# TorchServe keys written when the user brings no model-config.yaml: one worker that owns the
+# cores, and dynamic batching that waits at most 20 ms to fill a batch of 16 requests (what
+# scripts/bench.py found best for 16 concurrent single-image clients on a 2-core CPU).
+DEFAULT_TS_CONFIG: dict[str, Any] = {
+    "minWorkers": 1,
+    "maxWorkers": 1,
+    "batchSize": 16,
+    "maxBatchDelay": 20,
+    "responseTimeout": 120,
+}
+
+
+@dataclass(frozen=True)
+class ArchiveSpec:
+    """One build: the user's files, the layer, handler settings and where the archive goes.
+
+    The first four are positional; everything else is named. `settings` holds any other handler
+    setting (`--set`), including where the weights sit in a checkpoint (checkpoint_key, strip_prefix).
+    """
+
+    model_file: str
+    model_class: str
+    state_dict: Optional[str]
+    layer: str
+    _: KW_ONLY
+    pooling: str = "avg"
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    extra_files: Sequence[str] = ()
+    batch_size: Optional[int] = None
+    input_shape: Optional[Sequence[int]] = None
+    config_file: Optional[str] = None
+    name: str = "encoder"
+    export_path: str = "model_store"
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+# Settings that say where the weights sit in the user's file: used at build time, then dropped,
+# because the archive holds the weights already taken out and stripped.
+UNWRAP_SETTINGS = ("checkpoint_key", "strip_prefix", "checkpoint_detect")
+
+
+def handler_settings(spec: ArchiveSpec) -> dict[str, Any]:
+    """The `handler:` section, with paths as they will lie in the archive root (weights added later)."""
+    layers = [name.strip() for name in spec.layer.split(",") if name.strip()]
+    settings: dict[str, Any] = {
+        "model_definition_file": os.path.basename(spec.model_file),
+        "model_class_name": spec.model_class,
+        "layer_name": layers[0] if len(layers) == 1 else layers,
+        "pooling": spec.pooling,
+        "model_init_kwargs": dict(spec.model_kwargs or {}),
+    }
+    if spec.batch_size is not None:
+        settings["default_batch_size"] = spec.batch_size
+    if spec.input_shape:
+        settings["input_shape"] = list(spec.input_shape)
+    settings.update(spec.settings or {})
+    return settings
+
+
+def merged_model_config(user_config: Optional[str], handler: dict[str, Any]) -> dict[str, Any]:
+    """The user's model-config.yaml (TorchServe keys kept) with our `handler:` section merged in."""
+    config: dict[str, Any] = dict(DEFAULT_TS_CONFIG)
+    if user_config:
+        with open(user_config) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config-file {user_config!r} must hold a YAML mapping")
+        config = loaded
+    config["handler"] = {**(config.get("handler") or {}), **handler}
+    return config
+
+
+def _stage(files: Sequence[str], folder: str) -> None:
+    """Copy files flat into `folder`, as torch-model-archiver lays --extra-files in the archive root."""
+    for path in files:
+        if os.path.isdir(path):
+            for item in os.listdir(path):
+                src = os.path.join(path, item)
+                (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(folder, item))
+        else:
+            shutil.copy2(path, folder)
+
+
+@contextlib.contextmanager
+def _named_as_given(root: str, files: Sequence[str]) -> Iterator[None]:
+    """Errors raised over the staged copies name the user's files, never the temporary folder."""
+    try:
+        yield
+    except ConfigError as exc:
+        message = str(exc)
+        for path in files:
+            message = message.replace(os.path.join(root, os.path.basename(path)), path)
+        raise ConfigError(message.replace(root + os.sep, "")) from exc
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.2f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.1f} kB"
+
+
+def _source_size(path: str) -> int:
+    """Bytes of the user's weights: the file, or an index and all its shards."""
+    if not path.endswith(INDEX_SUFFIX):
+        return os.path.getsize(path)
+    with open(path) as f:
+        shards = set(json.load(f)["weight_map"].values())
+    return os.path.getsize(path) + sum(os.path.getsize(os.path.join(os.path.dirname(path), s)) for s in shards)
+
+
+def _clean_name(path: str) -> str:
+    """`run3/last.ckpt` -> `last.pth`; a (sharded) safetensors source stays safetensors."""
+    base = os.path.basename(path)
+    for suffix in (INDEX_SUFFIX, ".safetensors", ".ckpt", ".pth.tar", ".pth", ".pt", ".bin", ".tar"):
+        if base.endswith(suffix):
+            stem = base[: -len(suffix)]
+            return stem + (".safetensors" if "safetensors" in suffix else ".pth")
+    return base + ".pth"
+
+
+def prepare_weights(spec: ArchiveSpec, settings: EncoderSettings, root: str, say: Callable[..., None]) -> str:
+    """Find the weights in the user's file, load them into the model, and write them clean into `root`.
+
+    Returns the path of the file the archive holds: the user's own file when it already is the
+    plain state_dict, else the weights alone (no optimizer state, no container, no prefix), in
+    their own dtype, as a torch file or safetensors as the source was.
+    """
+    source = spec.state_dict
+    assert source is not None
+    model = build_model(import_model_file(os.path.join(root, os.path.basename(spec.model_file))),
+                        spec.model_class, spec.model_kwargs)
+    report = load_weights(model, source, UnwrapOptions.from_settings(settings))
+    for line in report.lines():
+        say(f"weights: {line}")
+    if report.found.is_plain and not source.endswith(INDEX_SUFFIX):
+        shutil.copy2(source, root)
+        return source
+    target = os.path.join(root, _clean_name(source))
+    if os.path.exists(target):
+        raise ConfigError(f"the clean weights of {source!r} would be named {os.path.basename(target)!r} in the "
+                          f"archive, like one of your other files: rename one of them")
+    clean = {k: v.detach().contiguous().clone() for k, v in report.found.state.items()}  # own storage each
+    if target.endswith(".safetensors"):
+        from safetensors.torch import save_file
+        save_file(clean, target, metadata={"format": "pt"})
+    else:
+        torch.save(clean, target)
+    before, after = _source_size(source), os.path.getsize(target)
+    say(f"weights: the archive holds the weights alone as {os.path.basename(target)}, {_size(after)}; "
+        f"{os.path.basename(source)} was {_size(before)}: {100 * (before - after) / before:.0f}% smaller")
+    return target
+
+
+def build_archive(spec: ArchiveSpec, quiet: bool = False) -> str:
+    """Check the model, then write `<export_path>/<name>.mar`; returns its path."""
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
+    given = [spec.model_file, *([spec.state_dict] if spec.state_dict else []), *spec.extra_files]
+    for path in [*given, *([spec.config_file] if spec.config_file else [])]:
+        if not os.path.exists(path):
+            raise ConfigError(f"{path!r} does not exist")
+    config = merged_model_config(spec.config_file, handler_settings(spec))
+    settings = EncoderSettings.from_mapping(config["handler"])
+    if not spec.state_dict:
+        say(f"warning: no --state-dict: the archive holds {spec.model_class}'s freshly initialized (untrained) "
+            f"weights, unless the model loads its own; its embeddings will mean nothing otherwise")
+
+    from model_archiver.model_archiver_config import ModelArchiverConfig
+    from model_archiver.model_packaging import generate_model_archive
+
+    with tempfile.TemporaryDirectory(prefix="mar-build-") as work:
+        root = os.path.join(work, "root")  # the archive's root as a worker will see it
+        os.makedirs(root)
+        _stage([spec.model_file, *spec.extra_files], root)
+        with _named_as_given(root, given):
+            weights = prepare_weights(spec, settings, root, say) if spec.state_dict else None
+            handler = {k: v for k, v in config["handler"].items() if k not in UNWRAP_SETTINGS}
+            if weights:
+                handler.update(model_state_dict_path=os.path.basename(weights), sha256=file_sha256(weights))
+            config["handler"] = handler
+            # load the model exactly as a worker will, from the staged archive root
+            encoder = ImageEncoder(EncoderSettings.from_mapping(handler), root)
+        say(f"model {spec.model_class} from {spec.model_file}: layer(s) {handler['layer_name']} resolved"
+            + (", weights loaded" if weights else ""))
+        if encoder.embedding_dim is not None:
+            say(f"one forward pass on {list(spec.input_shape or settings.input_shape or [])}: "
+                f"embedding size {encoder.embedding_dim}")
+
+        package_root = os.path.join(work, "package")
+        shutil.copytree(os.path.dirname(image_embedder.__file__), os.path.join(package_root, PACKAGE),
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", *NOT_SERVED))
+        config_path = os.path.join(work, "model-config.yaml")
+        with open(config_path, "w") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
+        os.makedirs(spec.export_path, exist_ok=True)
+        files = [spec.model_file, *([weights] if weights else []), *spec.extra_files, package_root]
+        # The archiver stages files in <gettempdir()>/<name> and deletes it afterwards: two builds of
+        # the same name at once (parallel test runs, serve.sh) would delete each other's files.
+        shared_tmp, tempfile.tempdir = tempfile.tempdir, work
+        try:
+            generate_model_archive(ModelArchiverConfig(
+                model_name=spec.name,
+                handler=HANDLER_FILE,
+                version="1.0",
+                extra_files=",".join(files),
+                export_path=spec.export_path,
+                force=True,
+                config_file=config_path,
+            ))
+        finally:
+            tempfile.tempdir = shared_tmp
+    path = os.path.join(spec.export_path, f"{spec.name}.mar")
+    say(f"wrote {path}")
+    return path
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-file", required=True, help="the .py file that defines the model")
+    parser.add_argument("--model-class", required=True, help="class or factory function in that file")
+    parser.add_argument("--state-dict", help="weights: a torch state_dict or training checkpoint, .safetensors, "
+                        "or a sharded model.safetensors.index.json (docs/weights.md)")
+    parser.add_argument("--layer", required=True, help="dotted submodule name; several joined by commas")
+    parser.add_argument("--pooling", default="avg", choices=POOLINGS)
+    parser.add_argument("--model-kwargs", default="{}", help="JSON object passed to the class or factory")
+    parser.add_argument("--extra-files", default="", help="comma-separated files the model file imports")
+    parser.add_argument("--batch-size", type=int, help="default_batch_size: most images in one forward pass")
+    parser.add_argument("--input-shape", help="C,H,W: run one forward pass now and print the embedding size")
+    parser.add_argument("--config-file", help="a model-config.yaml with TorchServe keys to merge into")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other handler setting, VALUE read as YAML (e.g. --set normalize=true)")
+    add_weights_arguments(parser)
+    parser.add_argument("--name", default="encoder", help="model name: the archive is <name>.mar")
+    parser.add_argument("--export-path", default="model_store")
+    args = parser.parse_args(argv)
+    try:
+        kwargs = parse_kwargs(args.model_kwargs)
+        extra: dict[str, Any] = {}
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--set {item!r} must look like KEY=VALUE")
+            extra[key.strip()] = yaml.safe_load(value)
+        build_archive(ArchiveSpec(
+            args.model_file, args.model_class, args.state_dict, args.layer, pooling=args.pooling,
+            model_kwargs=kwargs, extra_files=[p for p in args.extra_files.split(",") if p],
+            batch_size=args.batch_size, input_shape=parse_shape(args.input_shape), config_file=args.config_file,
+            name=args.name, export_path=args.export_path, settings={**weights_settings(args), **extra},
+        ))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

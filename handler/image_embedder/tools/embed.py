@@ -1,0 +1,334 @@
+#!/usr/bin/env python3
+"""Embed a folder of images (PNG/JPEG) or .npy files, or one large .npy, through a running TorchServe.
+
+    python scripts/embed.py photos/ --model encoder --out out/ --key-file key_file.json
+    python scripts/embed.py images.npy --model encoder --out out/ --batch-size 32 --concurrency 4
+
+Built on image_embedder.client.EmbeddingClient (docs/client.md): each batch is one request, several
+in flight at once, with a progress bar in images/s; lost workers (500 "Worker died."), 503, 507,
+dropped connections and timeouts are retried with backoff, and a refused key is re-read from
+--key-file (renewed through --management-url when it has expired; docs/auth.md). Every finished
+batch is written to a checkpoint shard, so running the same command again after a crash or Ctrl-C
+resumes where it stopped; running it again after it finished says so and sends nothing.
+At the end: out/embeddings.npy (N, D) float32 and out/names.txt (one name per line, same order),
+or out/embeddings.parquet (columns name, embedding) with --format parquet (needs pyarrow).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from image_embedder.client import EmbeddingClient, EmbeddingError, TokenError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+CHECKPOINT = "checkpoint"
+DONE = "done.json"  # a finished run: what it embedded and what it wrote
+
+
+class ClientError(RuntimeError):
+    """A failure the user must act on (bad input, refused request, wrong token)."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """One run of embed.py: what to embed, where to write, and how to talk to the server."""
+
+    inputs: Sequence[str]
+    out: str
+    url: str = "http://127.0.0.1:8080"
+    model: str = "encoder"
+    token: Optional[str] = None
+    key_file: Optional[str] = None
+    management_url: Optional[str] = None
+    batch_size: int = 16
+    concurrency: int = 4
+    fmt: str = "npy"
+    retries: int = 6
+    backoff: float = 0.5
+    timeout: float = 300.0
+    restart: bool = False
+    max_batches: Optional[int] = None
+    quiet: bool = False
+
+    def client(self) -> EmbeddingClient:
+        key_file = self.key_file or (None if self.token or not os.path.exists("key_file.json") else "key_file.json")
+        return EmbeddingClient(self.url, self.model, token=self.token, key_file=key_file, timeout=self.timeout,
+                               retries=self.retries, batch_size=self.batch_size, backoff=self.backoff,
+                               management_url=self.management_url)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to embed: a name for the output and how to read it."""
+
+    name: str
+    path: str
+    row: Optional[int] = None  # a row of a (N, C, H, W) .npy; None: the whole file is one image
+
+    def load(self) -> Union[bytes, np.ndarray]:
+        """Encoded image bytes as they are, or the (C,H,W) array."""
+        if self.path.lower().endswith(IMAGE_SUFFIXES):
+            with open(self.path, "rb") as f:
+                return f.read()
+        array = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        return np.asarray(array[self.row] if self.row is not None else array)
+
+
+def _npy_items(path: str, name: str) -> list[Item]:
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    if array.ndim == 3:
+        return [Item(name, path)]
+    if array.ndim == 4:
+        return [Item(f"{name}[{i}]", path, i) for i in range(array.shape[0])]
+    raise ClientError(f"{path} has shape {array.shape}; expected one image (C,H,W) or a batch (N,C,H,W)")
+
+
+def list_items(inputs: Sequence[str]) -> list[Item]:
+    """Every image under the inputs, in a stable order: folders walked sorted, .npy batches row by row."""
+    items: list[Item] = []
+    for source in inputs:
+        if os.path.isdir(source):
+            for root, dirs, files in os.walk(source):
+                dirs.sort()
+                for file in sorted(files):
+                    path = os.path.join(root, file)
+                    name = os.path.relpath(path, source)
+                    if file.lower().endswith(IMAGE_SUFFIXES):
+                        items.append(Item(name, path))
+                    elif file.lower().endswith(".npy"):
+                        items.extend(_npy_items(path, name))
+        elif os.path.isfile(source) and source.lower().endswith(".npy"):
+            items.extend(_npy_items(source, os.path.basename(source)))
+        elif os.path.isfile(source) and source.lower().endswith(IMAGE_SUFFIXES):
+            items.append(Item(os.path.basename(source), source))
+        else:
+            raise ClientError(f"{source!r} is not a folder, a .npy file or a PNG/JPEG image")
+    if not items:
+        raise ClientError(f"no PNG, JPEG or .npy files found in {list(inputs)}")
+    return items
+
+
+def embed_batch(client: EmbeddingClient, batch: Sequence[Item]) -> np.ndarray:
+    """One request for `batch`; a refusal names the files instead of the parts (i0, i1, ...)."""
+    try:
+        return client.embed_batch([item.load() for item in batch])
+    except EmbeddingError as exc:
+        message = str(exc)
+        for i, item in reversed(list(enumerate(batch))):  # "part 'i3'" -> the file's name
+            message = message.replace(f"'i{i}'", f"'i{i}' ({item.name})")
+        hint = " (check --token / --key-file; docs/auth.md)" if isinstance(exc, TokenError) else ""
+        raise ClientError(f"batch starting at {batch[0].name!r}{hint}: {message}") from exc
+
+
+def items_digest(items: Sequence[Item], *extra: object) -> str:
+    """Identifies a plan: the items, each file's size and modification time (an edited file is new
+    work), and `extra` (batch size, format)."""
+    stats = {path: (st.st_size, st.st_mtime_ns) for path in {i.path for i in items} for st in [os.stat(path)]}
+    listed = [(i.name, i.path, i.row, stats[i.path]) for i in items]
+    return hashlib.sha256(json.dumps([list(extra), listed]).encode()).hexdigest()
+
+
+def finished_run(out: str, digest: str) -> Optional[dict]:
+    """The record of a finished run of these inputs into `out`, if its outputs are still there."""
+    try:
+        with open(os.path.join(out, DONE)) as f:
+            done = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if done.get("digest") == digest and all(os.path.exists(p) for p in done.get("outputs", [])):
+        return done
+    return None
+
+
+class Checkpoint:
+    """Finished batches as shard files under out/checkpoint, tied to one plan (items + batch size)."""
+
+    def __init__(self, out: str, items: Sequence[Item], batch_size: int, restart: bool = False) -> None:
+        self.folder = os.path.join(out, CHECKPOINT)
+        digest = items_digest(items, batch_size)
+        plan_path = os.path.join(self.folder, "plan.json")
+        if restart:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            if os.path.exists(os.path.join(out, DONE)):
+                os.remove(os.path.join(out, DONE))
+        if os.path.exists(plan_path):
+            with open(plan_path) as f:
+                if json.load(f).get("digest") != digest:
+                    raise ClientError(
+                        f"{self.folder} belongs to another run (different inputs or --batch-size); "
+                        "use --restart to start over or another --out"
+                    )
+        else:
+            os.makedirs(self.folder, exist_ok=True)
+            with open(plan_path, "w") as f:
+                json.dump({"digest": digest, "items": len(items), "batch_size": batch_size}, f)
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.folder, f"batch-{index:07d}.npy")
+
+    def done(self, index: int) -> bool:
+        return os.path.exists(self.path(index))
+
+    def save(self, index: int, embeddings: np.ndarray) -> None:
+        """Write atomically: a run killed mid-write leaves no half shard."""
+        tmp = self.path(index) + ".tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, embeddings, allow_pickle=False)
+        os.replace(tmp, self.path(index))
+
+    def load(self, index: int) -> np.ndarray:
+        return np.load(self.path(index), allow_pickle=False)
+
+
+def batches(items: Sequence[Item], size: int) -> list[list[Item]]:
+    return [list(items[i: i + size]) for i in range(0, len(items), size)]
+
+
+def write_output(out: str, names: Sequence[str], embeddings: np.ndarray, fmt: str) -> list[str]:
+    """embeddings.npy + names.txt, or embeddings.parquet; returns the paths written."""
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = os.path.join(out, "embeddings.parquet")
+        table = pa.table({"name": list(names), "embedding": list(embeddings)})
+        pq.write_table(table, path)
+        return [path]
+    emb_path, names_path = os.path.join(out, "embeddings.npy"), os.path.join(out, "names.txt")
+    np.save(emb_path, embeddings, allow_pickle=False)
+    with open(names_path, "w", encoding="utf-8") as f:
+        f.writelines(name.replace("\n", " ") + "\n" for name in names)
+    return [emb_path, names_path]
+
+
+def _progress(total: int, initial: int, quiet: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # still works without tqdm, just silently
+        quiet = True
+    if quiet:
+        class _Silent:
+            def update(self, n: int) -> None: ...
+            def close(self) -> None: ...
+        return _Silent()
+    return tqdm(total=total, initial=initial, unit="img", desc="embedding", dynamic_ncols=True)
+
+
+def run(settings: RunSettings) -> dict:
+    """Embed everything not yet checkpointed, then (once all batches are done) write the output.
+    Inputs already embedded into `settings.out` (same files, same format) are not sent again."""
+    if settings.fmt == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError as exc:
+            raise ClientError("--format parquet needs pyarrow (pip install pyarrow); or use --format npy") from exc
+    items = list_items(settings.inputs)
+    os.makedirs(settings.out, exist_ok=True)
+    digest = items_digest(items, settings.fmt)
+    done = None if settings.restart else finished_run(settings.out, digest)
+    if done is not None:
+        return {"items": len(items), "resumed": len(items), "embedded": 0, "retries": 0, "complete": True,
+                "already_complete": True, "outputs": done["outputs"], "dim": done["dim"]}
+    checkpoint = Checkpoint(settings.out, items, settings.batch_size, settings.restart)
+    plan = batches(items, settings.batch_size)
+    pending = [i for i in range(len(plan)) if not checkpoint.done(i)]
+    resumed = sum(len(plan[i]) for i in range(len(plan)) if checkpoint.done(i))
+    if settings.max_batches is not None:
+        pending = pending[: settings.max_batches]
+    client = settings.client()
+    bar = _progress(len(items), resumed, settings.quiet)
+    sent = 0
+    todo: Iterator[int] = iter(pending)
+    try:
+        with ThreadPoolExecutor(max_workers=settings.concurrency) as pool:
+            running: dict[Future, int] = {}
+
+            def submit_next() -> None:
+                index = next(todo, None)
+                if index is not None:
+                    running[pool.submit(embed_batch, client, plan[index])] = index
+
+            for _ in range(settings.concurrency * 2):  # a bounded window: memory stays flat on big inputs
+                submit_next()
+            while running:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    index = running.pop(future)
+                    checkpoint.save(index, future.result())
+                    sent += len(plan[index])
+                    bar.update(len(plan[index]))
+                    submit_next()
+    finally:
+        bar.close()
+        client.close()
+    summary = {"items": len(items), "resumed": resumed, "embedded": sent, "retries": client.retried,
+               "complete": all(checkpoint.done(i) for i in range(len(plan))), "outputs": []}
+    if summary["complete"]:
+        embeddings = np.concatenate([checkpoint.load(i) for i in range(len(plan))])
+        summary["outputs"] = write_output(settings.out, [i.name for i in items], embeddings, settings.fmt)
+        summary["dim"] = int(embeddings.shape[1])
+        with open(os.path.join(settings.out, DONE), "w") as f:
+            json.dump({"digest": digest, "items": len(items), "dim": summary["dim"],
+                       "outputs": summary["outputs"]}, f)
+        shutil.rmtree(checkpoint.folder, ignore_errors=True)
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", help="folders of PNG/JPEG/.npy files, .npy files, or images")
+    parser.add_argument("--out", required=True, help="output folder (also holds the checkpoint)")
+    parser.add_argument("--url", default="http://127.0.0.1:8080", help="TorchServe inference address")
+    parser.add_argument("--model", default="encoder", help="model name on the server")
+    parser.add_argument("--token", help="inference token (default: from --key-file)")
+    parser.add_argument("--key-file", help="TorchServe's key_file.json (default: ./key_file.json if present)")
+    parser.add_argument("--management-url", help="TorchServe management address: renews an expired key "
+                        "from --key-file (docs/auth.md)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per request")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
+    parser.add_argument("--format", choices=("npy", "parquet"), default="npy")
+    parser.add_argument("--retries", type=int, default=6, help="tries after a 503/507, a lost worker "
+                        "(500 Worker died), a dropped connection or a timeout")
+    parser.add_argument("--backoff", type=float, default=0.5, help="first retry delay in seconds (doubles)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    parser.add_argument("--restart", action="store_true", help="drop an existing checkpoint or finished "
+                        "output and embed everything again")
+    parser.add_argument("--max-batches", type=int, help="stop after this many batches (resume later)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "concurrency"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    settings = RunSettings(
+        inputs=args.inputs, out=args.out, url=args.url, model=args.model, token=args.token, key_file=args.key_file,
+        management_url=args.management_url, batch_size=args.batch_size, concurrency=args.concurrency,
+        fmt=args.format, retries=args.retries, backoff=args.backoff, timeout=args.timeout, restart=args.restart,
+        max_batches=args.max_batches, quiet=args.quiet)
+    try:
+        summary = run(settings)
+    except (ClientError, TokenError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    print(json.dumps(summary))
+    if summary.get("already_complete"):
+        print(f"already complete: {', '.join(summary['outputs'])} hold these {summary['items']} images; "
+              "nothing sent (--restart to embed them again)", file=sys.stderr)
+    elif not summary["complete"]:
+        print("stopped early: run the same command again to resume", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""The docs run: every ```bash and ```python block of README.md, then of docs/*.md (alphabetical),
+executed in order in ONE bash session against a real TorchServe started the way the README says.
+
+The convention the docs follow (what this file checks):
+- ```bash and ```python blocks run; ```python blocks as `.venv/bin/python - <<'PY'`, same cwd.
+- ```bash no-run blocks are shown, not run; each must start with a command in NO_RUN_COMMANDS
+  (tools this machine lacks, or `scripts/test.sh`, which is what runs this file).
+- Output examples go in ```text blocks; every fence names its language; no `...` in a runnable block;
+  the interpreter is spelled `.venv/bin/python` (and `.venv/bin/torchserve`).
+- The session runs in a scratch copy of the working tree (tracked and untracked-not-ignored files,
+  `.venv` symlinked) with a private TMPDIR, `set -euo pipefail`, and ports 8080/8081/8082 (and the
+  gRPC 7070/7071 of config.properties) rewritten to free ones, so it never meets another server.
+- `curl` fails on an HTTP error (it runs with `--fail-with-body`), unless the command asks for the
+  status itself with `-w`/`--write-out`: an example that shows an error prints its status code.
+Whatever happens, every TorchServe the docs started in the scratch copy is stopped at the end.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNNABLE = ("bash", "python")
+# `scripts/test.sh` runs the whole suite, this file included: running it from the docs would recurse
+# (CI runs it anyway, .ci/run). The others need a cluster, a container daemon or a chart repository.
+NO_RUN_COMMANDS = ("kubectl", "docker", "helm", "scripts/test.sh")
+# A fence whose language looks like a shell or Python but is not spelled bash/python would be skipped
+# silently: refuse it.
+MISSPELT = {"sh", "shell", "console", "zsh", "py", "python3", "pycon", "shell-session"}
+PORTS = {"8080": 0, "8081": 1, "8082": 2}  # index into the free ports
+GRPC_PORTS = {"grpc_inference_port": 3, "grpc_management_port": 4}
+RUN_TIMEOUT = 300  # seconds for the whole session; the docs aim at well under 120
+BARE_INTERPRETER = re.compile(r"(?:^|(?<!-m)[\s;&|(`$])(python3?|pip3?|torchserve)(?=\s|$)", re.M)
+CLIENT_MODULE = re.compile(r"\bimage_embedder\.client\b")
+
+
+@dataclass(frozen=True)
+class Block:
+    """One fenced block: where it is (file, 1-based number among the file's fences, line) and what."""
+
+    path: str
+    number: int
+    line: int
+    language: str
+    flags: tuple[str, ...]
+    text: str
+
+    @property
+    def runnable(self) -> bool:
+        return self.language in RUNNABLE and "no-run" not in self.flags
+
+    def where(self) -> str:
+        return f"{self.path} block {self.number} (line {self.line}, ```{' '.join((self.language,) + self.flags)})"
+
+
+FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*(.*)$")
+
+
+def parse_blocks(path: str, text: str) -> list[Block]:
+    """Every fenced block of a markdown text, indentation of the opening fence removed."""
+    blocks, lines, i = [], text.splitlines(), 0
+    while i < len(lines):
+        match = FENCE.match(lines[i])
+        if not match:
+            i += 1
+            continue
+        indent, fence, info = len(match.group(1)), match.group(2), match.group(3).strip()
+        start, body = i + 1, []
+        i += 1
+        while i < len(lines) and not (lines[i].strip().startswith(fence) and not lines[i].strip()[len(fence):].strip()):
+            line = lines[i]
+            body.append(line[min(indent, len(line) - len(line.lstrip())):])
+            i += 1
+        i += 1  # the closing fence
+        words = info.split()
+        blocks.append(Block(path, len(blocks) + 1, start, words[0] if words else "", tuple(words[1:]),
+                            "\n".join(body) + "\n"))
+    return blocks
+
+
+def doc_files(root: str = REPO) -> list[str]:
+    """README.md first, then docs/*.md in alphabetical order, relative to `root`."""
+    docs = sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(root, "docs", "*.md")))
+    return ["README.md"] + docs
+
+
+def all_blocks(root: str = REPO) -> list[Block]:
+    blocks = []
+    for rel in doc_files(root):
+        with open(os.path.join(root, rel), encoding="utf-8") as f:
+            blocks.extend(parse_blocks(rel, f.read()))
+    return blocks
+
+
+# -- the rules, checked without a server --------------------------------------------------------------
+
+def test_every_fence_names_a_language_and_shell_blocks_are_bash_or_python():
+    problems = [f"{b.where()}: name the language (```text for output)" for b in all_blocks() if not b.language]
+    problems += [f"{b.where()}: spell it ```bash or ```python, or it is never run" for b in all_blocks()
+                 if b.language in MISSPELT]
+    assert not problems, "\n".join(problems)
+
+
+def test_no_run_blocks_only_hold_commands_this_machine_cannot_run():
+    problems = []
+    for block in all_blocks():
+        if "no-run" not in block.flags:
+            continue
+        first = next((ln.strip() for ln in block.text.splitlines() if ln.strip() and not ln.strip().startswith("#")), "")
+        if not first.startswith(NO_RUN_COMMANDS):
+            problems.append(f"{block.where()} starts with {first!r}: only {', '.join(NO_RUN_COMMANDS)} may be no-run")
+    assert not problems, "\n".join(problems)
+
+
+def test_runnable_blocks_are_complete_and_use_the_venv():
+    problems = []
+    for block in all_blocks():
+        if not block.runnable:
+            continue
+        if "..." in block.text:
+            problems.append(f"{block.where()}: `...` in a block that runs; write the whole command")
+        if block.language == "bash":
+            code = "\n".join(ln for ln in block.text.splitlines() if not ln.lstrip().startswith("#"))
+            for match in BARE_INTERPRETER.finditer(code):
+                problems.append(f"{block.where()}: `{match.group(1)}` -> spell it .venv/bin/{match.group(1)}")
+    assert not problems, "\n".join(problems)
+
+
+WRITTEN_ELSEWHERE = {"docs/performance.md"}  # the performance branch lands next; then this set goes
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def prose(text: str) -> str:
+    """The text without its fenced blocks (a `# comment` in a block is no heading, `[a](b)` no link)."""
+    return re.sub(r"^[ \t]*(`{3,}|~{3,}).*?^[ \t]*\1[ \t]*$", "", text, flags=re.M | re.S)
+
+
+def anchors(text: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    text = prose(text)
+    return {re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            for m in re.finditer(r"^#{1,6}\s+(.+)$", text, flags=re.M)}
+
+
+def test_relative_links_point_at_files_and_headings_that_exist():
+    problems = []
+    for rel in doc_files():
+        with open(os.path.join(REPO, rel), encoding="utf-8") as f:
+            text = f.read()
+        for target in LINK.findall(prose(text)):
+            if re.match(r"[a-z]+:", target):
+                continue  # http(s), mailto
+            path, _, anchor = target.partition("#")
+            dest = os.path.normpath(os.path.join(os.path.dirname(rel), path)) if path else rel
+            if not os.path.exists(os.path.join(REPO, dest)):
+                if dest not in WRITTEN_ELSEWHERE:
+                    problems.append(f"{rel}: link to {target}: {dest} does not exist")
+                continue
+            if anchor and dest.endswith(".md"):
+                with open(os.path.join(REPO, dest), encoding="utf-8") as f:
+                    if anchor not in anchors(f.read()):
+                        problems.append(f"{rel}: link to {target}: no heading #{anchor} in {dest}")
+    assert not problems, "\n".join(problems)
+
+
+def test_parser_finds_fences_their_language_and_indented_bodies():
+    text = "intro\n```bash\necho 1\n```\n- item\n\n  ```python\n  print(2)\n  ```\n```text\n$ out\n```\n```bash no-run\nkubectl get pods\n```\n"
+    blocks = parse_blocks("x.md", text)
+    assert [(b.language, b.flags, b.text, b.line) for b in blocks] == [
+        ("bash", (), "echo 1\n", 2), ("python", (), "print(2)\n", 7), ("text", (), "$ out\n", 10),
+        ("bash", ("no-run",), "kubectl get pods\n", 13)]
+    assert [b.runnable for b in blocks] == [True, True, False, False]
+    assert BARE_INTERPRETER.search("cd x && python3 y.py") and BARE_INTERPRETER.search("pip install x")
+    assert not BARE_INTERPRETER.search(".venv/bin/python -m pip install x")
+
+
+# -- the run ------------------------------------------------------------------------------------------
+
+def free_ports(count: int) -> list[str]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [str(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def rewrite_ports(text: str, ports: list[str]) -> str:
+    """The docs' fixed ports -> this run's free ones, wherever an address names them."""
+    return re.sub(r"\b(127\.0\.0\.1|localhost):(8080|8081|8082)\b",
+                  lambda m: f"{m.group(1)}:{ports[PORTS[m.group(2)]]}", text)
+
+
+def tree_files() -> list[str]:
+    """The working tree as git sees it: tracked and untracked-not-ignored files that exist."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            check=True, capture_output=True).stdout.decode().split("\0")
+    return [rel for rel in listed if rel and os.path.isfile(os.path.join(REPO, rel))]  # not deleted ones
+
+
+def scratch_copy(dest: str, ports: list[str]) -> None:
+    """A copy of the working tree with .venv linked and config.properties on free ports."""
+    for rel in tree_files():
+        src = os.path.join(REPO, rel)
+        os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
+        shutil.copy2(src, os.path.join(dest, rel), follow_symlinks=False)
+    os.symlink(os.path.realpath(os.path.join(REPO, ".venv")), os.path.join(dest, ".venv"))
+    config = os.path.join(dest, "config.properties")
+    with open(config) as f:
+        text = rewrite_ports(f.read(), ports)
+    for key, index in GRPC_PORTS.items():
+        text = re.sub(rf"^{key}=\d+$", f"{key}={ports[index]}", text, flags=re.M)
+    with open(config, "w") as f:
+        f.write(text)
+
+
+def client_is_shipped() -> bool:
+    """The Python client is written on another branch; until it is part of the tree its blocks wait."""
+    return any(re.search(r"(^|/)image_embedder/client(\.py|/)", rel) for rel in tree_files())
+
+
+SESSION_PREAMBLE = """set -euo pipefail
+# An HTTP error fails the command, unless it asks for the status itself (-w / --write-out).
+curl() {
+  local arg
+  for arg in "$@"; do
+    case "$arg" in -w|--write-out|--write-out=*) command curl "$@"; return;; esac
+  done
+  command curl --fail-with-body "$@"
+}
+"""
+
+
+def session_script(blocks: list[Block], folder: str, ports: list[str]) -> str:
+    """The one bash session: each block written to its own file and sourced after a marker line."""
+    lines = [SESSION_PREAMBLE]
+    for index, block in enumerate(blocks):
+        text = rewrite_ports(block.text, ports)
+        if block.language == "python":
+            text = f".venv/bin/python - <<'__DOCS_PY__'\n{text}__DOCS_PY__\n"
+        path = os.path.join(folder, f"{index:03d}.sh")
+        with open(path, "w") as f:
+            f.write(text)
+        # the marker on its own line, even after curl's output; the seconds so far show slow blocks
+        lines += [f"printf '\\n@@@ block {index}\\n'", f"echo \"[{block.path} block {block.number}, $SECONDS s]\"",
+                  f"source {path}"]
+    lines.append("printf '\\n@@@ end\\n'")
+    return "\n".join(lines) + "\n"
+
+
+def stop_servers(scratch: str, env: dict) -> None:
+    """`torchserve --stop` for every pid file the run left, each with its own TMPDIR."""
+    pid_files = [os.path.join(folder, ".model_server.pid") for folder, _, files in os.walk(scratch)  # not into .venv
+                 if ".model_server.pid" in files]
+    for pid_file in pid_files + glob.glob(os.path.join(env["TMPDIR"], ".model_server.pid")):
+        tmp = os.path.dirname(pid_file)
+        subprocess.run([os.path.join(scratch, ".venv", "bin", "torchserve"), "--stop", "--foreground"], cwd=scratch,
+                       env=dict(env, TMPDIR=tmp, TEMP=tmp), stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=120)
+
+
+def failure_report(blocks: list[Block], output: str, why: str, scratch: str) -> str:
+    started = [int(n) for n in re.findall(r"^@@@ block (\d+)$", output, flags=re.M)]
+    if not started:
+        return f"{why} before the first block:\n{output[-4000:]}"
+    block = blocks[started[-1]]
+    tail = output.split(f"@@@ block {started[-1]}\n", 1)[-1]
+    log = ""
+    for rel in ("out/torchserve.out", "logs/model_log.log"):
+        if os.path.exists(os.path.join(scratch, rel)):
+            with open(os.path.join(scratch, rel), errors="replace") as f:
+                log += f"\n--- {rel} (tail)\n" + "".join(f.readlines()[-30:])
+    return (f"{block.where()} {why}\n--- the block\n{block.text}--- its output\n{tail[-6000:]}{log}")
+
+
+def run_session(blocks: list[Block], tmp_path, ports: list[str], scratch: str, timeout: float = RUN_TIMEOUT) -> str:
+    """Run the blocks in one bash session in `scratch`; returns the output; fails naming the block."""
+    tmp, script_dir = tmp_path / "tmp", tmp_path / "blocks"
+    for folder in (tmp, script_dir):
+        folder.mkdir()
+    script = session_script(blocks, str(script_dir), ports)
+    env = dict(os.environ, TMPDIR=str(tmp), TEMP=str(tmp), PYTHONDONTWRITEBYTECODE="1")
+    log_path = tmp_path / "session.out"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(["bash", "-c", script], cwd=scratch, env=env, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc, why = proc.wait(timeout=timeout), None
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rc, why = proc.wait(), f"did not finish within the whole run's {timeout} s"
+        finally:
+            stop_servers(scratch, env)
+    output = log_path.read_text(errors="replace")
+    if why is None and (rc != 0 or not output.rstrip().endswith("@@@ end")):
+        why = f"failed with exit status {rc}"
+    if why is not None:
+        pytest.fail(failure_report(blocks, output, why, scratch), pytrace=False)
+    return output
+
+
+def test_a_failing_block_is_reported_with_its_file_number_text_and_output(tmp_path):
+    text = "```bash\nWHO=docs\n```\n```python\nprint('python ran')\n```\n```bash\necho \"hello $WHO\"\nfalse\necho never\n```\n"
+    blocks = parse_blocks("docs/x.md", text)
+    os.symlink(os.path.realpath(os.path.join(REPO, ".venv")), tmp_path / ".venv")
+    with pytest.raises(pytest.fail.Exception) as failure:
+        run_session(blocks, tmp_path, free_ports(5), str(tmp_path), timeout=60)
+    report = str(failure.value)
+    assert report.startswith("docs/x.md block 3 (line 7, ```bash) failed with exit status 1"), report
+    assert "echo never" in report and "hello docs" in report and "never\n" not in report.split("its output")[1]
+    assert "python ran" in (tmp_path / "session.out").read_text()
+
+
+@pytest.mark.server
+def test_every_runnable_block_runs_in_order(tmp_path):
+    blocks = [b for b in all_blocks() if b.runnable]
+    if not client_is_shipped():
+        skipped = [b for b in blocks if CLIENT_MODULE.search(b.text)]
+        for b in skipped:
+            print(f"not run until image_embedder.client is in the tree: {b.where()}")
+        blocks = [b for b in blocks if b not in skipped]
+    scratch = tmp_path / "repo"
+    scratch.mkdir()
+    ports = free_ports(5)
+    scratch_copy(str(scratch), ports)
+    started = time.time()
+    output = run_session(blocks, tmp_path, ports, str(scratch))
+    print(output)  # shown with -s: what every block printed
+    print(f"{len(blocks)} blocks ran in {time.time() - started:.0f} s")

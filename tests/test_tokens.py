@@ -1,0 +1,139 @@
+"""Tokens over days of uptime (docs/auth.md).
+
+TorchServe 0.12 (frontend util/TokenAuthorization.java) writes key_file.json at start with an
+inference and a management key, each expiring `token_expiration_min` after it was made, and an API
+key that never expires. An expired key is refused (400 InvalidKeyException); nothing renews it but
+the token API (`GET :8081/token?type=inference` with the API key), which makes a new key and
+rewrites key_file.json. The shipped config makes keys live as long as the server; a client that
+follows docs/client.md (key_file + management_url) keeps working whatever the expiry.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from datetime import datetime
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import private_example_server, npy_bytes
+from image_embedder.client import EmbeddingClient
+from image_embedder.tools.reference import reference_embeddings
+from test_shipped_config import read_properties
+from image_embedder.tools.paths import SHIPPED_CONFIG
+
+YEAR_S = 365 * 24 * 3600
+AUTH_REFUSED = "InvalidKeyException"
+
+
+def key_file_data(server) -> dict:
+    with open(os.path.join(server.workdir, "key_file.json")) as f:
+        return json.load(f)
+
+
+def expires(entry: dict) -> float:
+    return datetime.fromisoformat(entry["expiration time"].replace("Z", "+00:00")).timestamp()
+
+
+def test_shipped_config_sets_a_lifetime_expiry():
+    assert float(read_properties(SHIPPED_CONFIG)["token_expiration_min"]) * 60 >= 5 * YEAR_S
+
+
+@pytest.mark.server
+def test_shipped_config_keys_outlive_a_year(torchserve):
+    data = key_file_data(torchserve)
+    for kind in ("inference", "management"):
+        assert expires(data[kind]) > time.time() + YEAR_S, data[kind]
+
+
+@pytest.fixture(scope="module")
+def short_expiry_server(example_archive, tmp_path_factory):
+    """The shipped config with token_expiration_min=1."""
+    server = private_example_server(example_archive, str(tmp_path_factory.mktemp("token_store")),
+                                    {"token_expiration_min": 1}, timeout=50)  # within the keys' first minute
+    yield server
+    server.cleanup()
+
+
+def post(server, token: str, image: np.ndarray) -> requests.Response:
+    return requests.post(f"{server.inference_url}/predictions/encoder", data=npy_bytes(image), timeout=60,
+                         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/x-npy"})
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_a_client_following_the_docs_outlives_one_minute_keys(short_expiry_server, example_model):
+    """3 minutes across expiries: the keys handed out at start stop working, TorchServe renews nothing
+    by itself, and the documented client (key_file + management_url) never misses an answer."""
+    server = short_expiry_server
+    first = key_file_data(server)
+    rng = np.random.default_rng(70)
+    images = rng.normal(size=(4, 3, 224, 224)).astype(np.float32)
+    expected = reference_embeddings(example_model, "conv1", images)
+    client = EmbeddingClient(server.inference_url, "encoder", key_file=os.path.join(server.workdir, "key_file.json"),
+                             management_url=server.management_url, retries=0)
+    start = time.monotonic()
+    answers, failures = [], []
+
+    def stream(offset: int) -> None:  # three threads share the client, as embed.py's do
+        n = offset
+        while time.monotonic() - start < 185:
+            i = n % len(images)
+            try:
+                answers.append((i, client.embed(images[i]), time.monotonic() - start))
+            except Exception as exc:  # recorded, asserted below
+                failures.append(repr(exc))
+            n += 1
+            time.sleep(1.0)  # pacing: one request a second per thread, not a wait for a state
+
+    threads = [threading.Thread(target=stream, args=(k,)) for k in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not failures, failures
+    minutes = {int(at // 60) for *_, at in answers}
+    assert {0, 1, 2, 3} <= minutes, sorted(minutes)  # answered in every minute, and past the third expiry
+    for i, got, _ in answers:
+        np.testing.assert_allclose(got, expected[i: i + 1], atol=1e-5)
+    assert 2 <= client.renewed <= 4  # one renewal per expiry (after ~1, 2 and 3 min), not one per thread
+    # what expired: both keys made at start; TorchServe refuses them and rewrote nothing by itself
+    assert time.time() > expires(first["inference"]) and time.time() > expires(first["management"])
+    stale = post(server, first["inference"]["key"], images[0])
+    assert stale.status_code == 400 and AUTH_REFUSED in stale.text
+    stale = requests.get(f"{server.management_url}/models", timeout=30,
+                         headers={"Authorization": f"Bearer {first['management']['key']}"})
+    assert stale.status_code == 400 and AUTH_REFUSED in stale.text
+    now = key_file_data(server)
+    assert now["inference"]["key"] != first["inference"]["key"]  # renewed through the token API
+    assert now["management"] == first["management"]  # untouched by an inference renewal
+    assert now["API"] == first["API"]  # the token API's key never expires
+    fresh = post(server, now["inference"]["key"], images[1])
+    assert fresh.status_code == 200
+    np.testing.assert_allclose(np.asarray(fresh.json()["embeddings"], np.float32), expected[1:2], atol=1e-5)
+
+
+@pytest.mark.server
+def test_renewal_replaces_the_key_at_once_and_clients_follow(short_expiry_server, example_model):
+    """The token API invalidates the old key immediately; a key_file client picks up the new one."""
+    server = short_expiry_server
+    image = np.random.default_rng(71).normal(size=(3, 224, 224)).astype(np.float32)
+    path = os.path.join(server.workdir, "key_file.json")
+    client = EmbeddingClient(server.inference_url, "encoder", key_file=path, management_url=server.management_url)
+    client.embed(image)
+    old = key_file_data(server)
+    r = requests.get(f"{server.management_url}/token", params={"type": "inference"}, timeout=30,
+                     headers={"Authorization": f"Bearer {old['API']['key']}"})
+    assert r.status_code == 200, r.text
+    new = key_file_data(server)
+    assert new["inference"]["key"] != old["inference"]["key"]
+    assert post(server, old["inference"]["key"], image).status_code == 400  # the old key: refused at once
+    renewed = client.renewed
+    np.testing.assert_allclose(client.embed(image), reference_embeddings(example_model, "conv1", image), atol=1e-5)
+    assert client.renewed == renewed  # it re-read key_file.json; no second renewal
+    refused = requests.get(f"{server.management_url}/token", params={"type": "inference"}, timeout=30,
+                           headers={"Authorization": f"Bearer {new['inference']['key']}"})
+    assert refused.status_code == 400  # the token API takes only the API key
