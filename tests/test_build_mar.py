@@ -110,8 +110,10 @@ def test_without_config_file_cpu_defaults_are_written(user_files, tmp_path):
     assert rc == 0
     names, manifest, config, _ = read_archive(tmp_path / "encoder.mar")
     assert manifest["model"]["modelName"] == "encoder"
-    for key in ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout"):
+    for key in ("batchSize", "maxBatchDelay", "responseTimeout"):
         assert isinstance(config[key], int) and config[key] > 0, key
+    # no worker count: TorchServe's default_workers_per_model decides on the serving machine
+    assert "minWorkers" not in config and "maxWorkers" not in config, config
     assert config["handler"]["pooling"] == "avg" and "default_batch_size" not in config["handler"]
 
 

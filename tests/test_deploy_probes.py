@@ -29,6 +29,13 @@ CONTAINER = load("deployment-cpu.yaml")["spec"]["template"]["spec"]["containers"
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 
 
+def pod_workers() -> int:
+    """The workers per model the ConfigMap's config.properties asks TorchServe for."""
+    config = load("configmap.yaml")["data"]["config.properties"]
+    return int(next(line.split("=", 1)[1] for line in config.splitlines()
+                    if line.strip().startswith("default_workers_per_model=")))
+
+
 @pytest.fixture(scope="module")
 def pod_config(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("pod") / "config.properties"
@@ -78,7 +85,8 @@ def test_all_probes_pass_on_a_serving_pod(pod_server):
     for probe in PROBES:
         result = run_probe(probe, pod_server)
         assert result.returncode == 0, f"{probe}: {result.stderr}"
-    assert "1 READY worker" in run_probe("readinessProbe", pod_server).stdout
+    pod_server.wait_for_workers("encoder", pod_workers())  # every worker the config asks for, loaded
+    assert f"model encoder: {pod_workers()} READY worker" in run_probe("readinessProbe", pod_server).stdout
 
 
 def test_readiness_needs_the_key(pod_server, tmp_path):

@@ -53,6 +53,15 @@ def _encode_value(value: Any, content_type: str) -> Any:
     return value
 
 
+def _take_ours() -> dict:
+    """Remove this project's modules (the handler, image_embedder.*) from sys.modules; return them."""
+    ours = {name: module for name, module in sys.modules.items()
+            if name == "encoder_handler" or name == "image_embedder" or name.startswith("image_embedder.")}
+    for name in ours:
+        del sys.modules[name]
+    return ours
+
+
 class InProcessModel:
     """A loaded archive; `predict` runs one TorchServe batch through Service.predict."""
 
@@ -63,8 +72,7 @@ class InProcessModel:
         with open(os.path.join(self.model_dir, "MAR-INF", "MANIFEST.json")) as f:
             handler = json.load(f)["model"]["handler"]
         sys.path.insert(0, self.model_dir)
-        for cached in [m for m in sys.modules if m == "encoder_handler" or m.startswith("image_embedder")]:
-            del sys.modules[cached]  # each archive brings its own copy, as each worker would import it
+        installed = _take_ours()  # each archive brings its own copy, as each worker would import it
         try:
             metrics = MetricsCacheYamlImpl(config_file_path=METRICS_CONFIG)
             metrics.initialize_cache()
@@ -72,6 +80,8 @@ class InProcessModel:
                                                 metrics_cache=metrics)
         finally:
             sys.path.remove(self.model_dir)
+            _take_ours()  # the handler holds its copy; later imports in the tests get the installed one
+            sys.modules.update(installed)
         self.service.set_cl_socket(None)
         self._counter = 0
 

@@ -41,12 +41,12 @@ PACKAGE = "image_embedder"
 # the archive, so the server needs nothing the client imports (requests, urllib3).
 NOT_SERVED = ("client.py", "tools")
 HANDLER_FILE = importlib.util.find_spec("encoder_handler").origin  # the TorchServe adapter, beside the package
-# TorchServe keys written when the user brings no model-config.yaml: one worker that owns the
-# cores, and dynamic batching that waits at most 20 ms to fill a batch of 16 requests (what
-# scripts/bench.py found best for 16 concurrent single-image clients on a 2-core CPU).
+# TorchServe keys written when the user brings no model-config.yaml: dynamic batching that waits at
+# most 20 ms to fill a batch of 16 requests (what the bench found best for 16 concurrent
+# single-image clients on a 2-core CPU). No worker count: TorchServe's default_workers_per_model
+# decides on the serving machine (one per core on a CPU, one per GPU), which the bench measured
+# best on a CPU (workers x 1 thread, docs/performance.md).
 DEFAULT_TS_CONFIG: dict[str, Any] = {
-    "minWorkers": 1,
-    "maxWorkers": 1,
     "batchSize": 16,
     "maxBatchDelay": 20,
     "responseTimeout": 120,
