@@ -11,6 +11,7 @@ each request of a batch on its own (status, content type, headers).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ from image_embedder.request_decoding import (
 )
 from image_embedder.response_encoding import JSON_TYPE, EncodedResponse, encode_response
 from image_embedder.settings import EncoderSettings
-from image_embedder.worker_threads import WorkerThreads, threads_per_worker
+from image_embedder.worker_threads import WorkerThreads, available_cores, threads_per_worker
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +75,14 @@ class EmbeddingHandler(BaseHandler):
             try:
                 self.threads = WorkerThreads(os.path.join(model_dir, ".workers"))
                 self.threads.refresh()
-            except OSError:  # a read-only model folder: size from maxWorkers once, as TorchServe will start them
+            except OSError:  # a read-only model folder: size once, from maxWorkers or TorchServe's default
+                # (one worker per core when the archive names no count)
                 logger.warning("cannot write %s/.workers; torch threads sized from maxWorkers", model_dir)
-                torch.set_num_threads(threads_per_worker(int(model_config.get("maxWorkers") or 1)))
+                torch.set_num_threads(threads_per_worker(int(model_config.get("maxWorkers") or available_cores())))
         self.encoder = ImageEncoder(settings, model_dir, self.device)
         self.model = self.encoder.model
         self.image_decoder = ImageDecoder.from_settings(settings)
+        self.decodes_images = importlib.util.find_spec("PIL") is not None  # else images get 415
         self.model_name = context.model_name
         self.initialized = True
         logger.info("image encoder ready: %s", json.dumps(self.describe()))
@@ -88,7 +91,7 @@ class EmbeddingHandler(BaseHandler):
         """The engine's description, what this server accepts, and this worker's process and threads."""
         return {
             **self.encoder.describe(),
-            "content_types": accepted_content_types(self.image_decoder is not None),
+            "content_types": accepted_content_types(self.decodes_images),
             "worker": {"pid": os.getpid(), "torch_threads": torch.get_num_threads(),
                        "live_workers": self.threads.workers if self.threads is not None else None},
         }

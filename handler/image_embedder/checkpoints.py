@@ -150,6 +150,9 @@ def _read_sharded(path: str, device: str, name: str) -> dict[str, torch.Tensor]:
     folder, shown_folder = os.path.dirname(path), os.path.dirname(name)
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
+        if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
+            raise ConfigError(f"safetensors index {name!r} names shard {shard!r}: shards are file names "
+                              "beside the index, like model-00001-of-00002.safetensors")
         shard_path = os.path.join(folder, shard)
         shown = os.path.join(shown_folder, shard)
         if not os.path.isfile(shard_path):

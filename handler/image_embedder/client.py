@@ -8,8 +8,8 @@
 
 `images` is one array (C,H,W), a batch (N,C,H,W), or a list whose items are arrays, encoded
 images (PNG/JPEG `bytes`) or paths (PNG/JPEG files, or `.npy` files holding (C,H,W) or (N,C,H,W)).
-Large inputs go out `batch_size` images per request. Arrays travel as `.npy` (uint8 when the
-values are whole numbers in 0..255, else float32), encoded images as they are (multipart, one part
+Large inputs go out `batch_size` images per request. Arrays travel as `.npy` (uint8 when an
+integer array's values fit 0..255, else float32: float arrays keep their values exactly), encoded images as they are (multipart, one part
 per image), and the answer comes back as `.npy` (`Accept: application/x-npy`).
 
 Retried, because embedding is idempotent: dropped or reset connections and timeouts, 503 (busy),
@@ -96,7 +96,7 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 def wire_dtype(array: np.ndarray) -> np.ndarray:
-    """uint8 when every value is a whole number in 0..255 (4x smaller than float32), else float32."""
+    """uint8 for uint8 arrays and integer arrays whose values fit 0..255 (4x smaller than float32), else float32."""
     if array.dtype == np.uint8:
         return array
     if array.dtype.kind in "biu" and array.size and array.min() >= 0 and array.max() <= 255:
@@ -182,6 +182,9 @@ class EmbeddingClient:
         self._token = token or (self._keys.inference if self._keys else None)
         self._lock = threading.Lock()
         self._local = threading.local()
+        self._sessions: list[requests.Session] = []  # every thread's, so close() closes them all
+        self._sessions_lock = threading.Lock()  # not _lock: a key renewal sends a request while holding it
+        self._expired_seen: Optional[float] = None  # an expiry already found with no newer key
         self.retried = 0  # requests sent again (after a lost worker, 503/507, a reset or a timeout)
         self.renewed = 0  # keys renewed through the token API
 
@@ -199,6 +202,8 @@ class EmbeddingClient:
             session.mount("http://", HTTPAdapter(max_retries=self._retry()))
             session.mount("https://", HTTPAdapter(max_retries=self._retry()))
             self._local.session = session
+            with self._sessions_lock:
+                self._sessions.append(session)
         return session
 
     def _send(self, method: str, **kwargs: Any) -> requests.Response:
@@ -258,8 +263,10 @@ class EmbeddingClient:
     def _current_token(self) -> Optional[str]:
         """The key to send; a key_file whose key has expired is renewed first (when it can be)."""
         keys = self._keys
-        if keys is not None and keys.expires is not None and keys.expires <= time.time():
-            self._refresh(self._token)
+        if (keys is not None and keys.expires is not None and keys.expires <= time.time()
+                and keys.expires != self._expired_seen):
+            if not self._refresh(self._token):  # nothing newer: don't re-read the file on every request;
+                self._expired_seen = keys.expires  # a refused request still looks again
         return self._token
 
     def _refresh(self, used: Optional[str]) -> bool:
@@ -318,10 +325,12 @@ class EmbeddingClient:
         return self._send("GET", headers={"describe": "True"}).json()
 
     def close(self) -> None:
-        """Close this thread's connections (each thread has its own session)."""
-        session = getattr(self._local, "session", None)
-        if session is not None:
+        """Close the connections of every thread that used this client (each has its own session)."""
+        with self._sessions_lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
             session.close()
+        self._local = threading.local()
 
     def __enter__(self) -> "EmbeddingClient":
         return self

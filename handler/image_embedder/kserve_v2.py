@@ -166,7 +166,10 @@ def _binary_output(payload: dict) -> bool:
         name = output.get("name") if isinstance(output, dict) else None
         if name != OUTPUT_NAME:
             raise bad_request(f"outputs[{i}] asks for {name!r}; this model has one output, {OUTPUT_NAME!r}", KIND)
-        flag = (output.get("parameters") or {}).get("binary_data")
+        parameters = output.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise bad_request(f"outputs[{i}].parameters must be an object, got {type(parameters).__name__}", KIND)
+        flag = parameters.get("binary_data")
         if flag is not None:
             binary = flag is True
     return binary

@@ -38,8 +38,10 @@ class ServingSettings:
 
     name: str
     version: str
-    min_workers: int = 1
-    max_workers: int = 1
+    # One worker per CPU of deploy/kserve's CPU InferenceService (2), 1 torch thread each: the layout
+    # measured best on a CPU (docs/performance.md). A model_snapshot must name a count.
+    min_workers: int = 2
+    max_workers: int = 2
     batch_size: int = 8
     max_batch_delay: int = 50
     response_timeout: int = 120
@@ -99,7 +101,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("mar", help="the built archive, e.g. model_store/encoder.mar")
     parser.add_argument("out_dir", help="the folder to upload as the InferenceService's storageUri")
-    parser.add_argument("--workers", type=int, help="workers per pod (default: the archive's minWorkers)")
+    parser.add_argument("--workers", type=int, help="workers per pod (default: the archive's minWorkers, else 2: one per CPU of the CPU InferenceService)")
     parser.add_argument("--batch-size", type=int, help="TorchServe batch size (default: the archive's batchSize)")
     parser.add_argument("--max-batch-delay", type=int, help="ms to wait for a batch (default: the archive's)")
     args = parser.parse_args(argv)
