@@ -178,10 +178,10 @@ def decode_request(
     first = bytes(body[:64]).lstrip()[:1]
     if content_type.endswith("json") or first in (b"{", b"["):
         return decode_json(_parse_json_bytes(body), image_decoder)
-    raise RequestError(
-        415, "UnsupportedMediaType",
+    raise bad_request(
         f"cannot decode a body of {len(body)} bytes with Content-Type {content_type or 'unset'!r}: "
         "send .npy (application/x-npy) or JSON (application/json)",
+        "UnsupportedMediaType",
     )
 
 
