@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import requests
 import torch
+import yaml
 
 from kserve_server import KServeLayoutServer
 from image_embedder.tools.reference import reference_embeddings
@@ -63,8 +64,11 @@ def test_layout_files(layout, example_archive):
     assert props["enable_envvars_config"] == "true" and props["model_store"] == "/mnt/models/model-store"
     assert props["inference_address"] == props["management_address"] == "http://127.0.0.1:8085"
     model = json.loads(props["model_snapshot"])["models"]["encoder"]["1.0"]
-    # the conftest archive has no model-config of its own: build_mar's documented defaults, delay from the flag
-    assert (model["marName"], model["batchSize"], model["maxBatchDelay"], model["minWorkers"]) == ("encoder.mar", 16, 100, 1)
+    # the conftest archive has no model-config of its own: build_mar's documented defaults, delay from the
+    # flag, and (no worker count in the archive) one worker per CPU the CPU InferenceService requests
+    with open(os.path.join(REPO, "deploy", "kserve", "inferenceservice-cpu.yaml")) as f:
+        cpus = int(yaml.safe_load(f)["spec"]["predictor"]["model"]["resources"]["requests"]["cpu"])
+    assert (model["marName"], model["batchSize"], model["maxBatchDelay"], model["minWorkers"]) == ("encoder.mar", 16, 100, cpus)
 
 
 def test_layout_refuses_a_missing_archive(tmp_path):
