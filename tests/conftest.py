@@ -44,6 +44,20 @@ def scripted_embeddings(handler, n: int) -> None:
     scripted_reply(handler, 200, npy_bytes(np.full((n, 2), 7, np.float32)), "application/x-npy")
 
 
+def encoded_image(array: np.ndarray, fmt: str, quality: int, exif_orientation: int = 0) -> bytes:
+    """`array` (H,W,C uint8) as a PNG/JPEG file, optionally with an EXIF orientation tag."""
+    from PIL import Image
+
+    kwargs: dict = {"quality": quality} if fmt == "JPEG" else {}
+    if exif_orientation:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        kwargs["exif"] = exif.tobytes()
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
 def java_available() -> bool:
     try:
         out = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=30)

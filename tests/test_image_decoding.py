@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from feature_server import IMAGE_SETTINGS
+from conftest import encoded_image
 from image_embedder.errors import RequestError
 from image_embedder.image_decoding import ImageDecoder, color_mode_for
 from image_embedder.request_decoding import decode_multipart, decode_request
@@ -25,15 +26,7 @@ from image_embedder.tools.reference import reference_embeddings
 
 
 def encode(array: np.ndarray, fmt: str = "PNG", exif_orientation: int = 0) -> bytes:
-    image = Image.fromarray(array)
-    buf = io.BytesIO()
-    kwargs = {"quality": 95} if fmt == "JPEG" else {}
-    if exif_orientation:
-        exif = Image.Exif()
-        exif[0x0112] = exif_orientation
-        kwargs["exif"] = exif.tobytes()
-    image.save(buf, fmt, **kwargs)
-    return buf.getvalue()
+    return encoded_image(array, fmt, 95, exif_orientation)
 
 
 def photo(seed: int, height: int, width: int, channels: int = 3) -> np.ndarray:

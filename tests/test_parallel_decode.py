@@ -16,6 +16,7 @@ from PIL import Image
 from feature_server import IMAGE_SETTINGS
 from image_embedder.errors import ConfigError, RequestError
 from image_embedder.image_decoding import ImageDecoder
+from conftest import encoded_image
 from image_embedder.settings import EncoderSettings
 from image_embedder.tools.build import ArchiveSpec, build_archive
 from image_embedder.tools.reference import reference_embeddings
@@ -31,14 +32,7 @@ def photo(seed: int, height: int, width: int) -> np.ndarray:
 
 
 def encode(array: np.ndarray, fmt: str = "JPEG", orientation: int = 0) -> bytes:
-    buf = io.BytesIO()
-    kwargs = {"quality": 90} if fmt == "JPEG" else {}
-    if orientation:
-        exif = Image.Exif()
-        exif[0x0112] = orientation
-        kwargs["exif"] = exif.tobytes()
-    Image.fromarray(array).save(buf, fmt, **kwargs)
-    return buf.getvalue()
+    return encoded_image(array, fmt, 90, orientation)
 
 
 def by_hand(data: bytes, resize: int = 256, crop: int = 224) -> np.ndarray:
