@@ -193,9 +193,12 @@ class EmbeddingHandler(BaseHandler):
         return out
 
     def _record_metrics(self, decoded: list[Decoded], forward_ms: float, total_ms: float, results: list[Result]) -> None:
-        """Per TorchServe batch: images embedded and requests refused (counters), images per request,
-        requests per batch, forward and handler-overhead times (gauges). Prometheus shows them when
-        model_metrics_auto_detect=true (config.properties)."""
+        """Per TorchServe batch: images per request, requests per batch, forward and handler-overhead
+        times (gauges), handler time, requests refused and images embedded (counters). Prometheus
+        shows them when model_metrics_auto_detect=true (config.properties).
+
+        Each metric is one log line that the frontend reads in order, so ImagesEmbedded goes last:
+        a reader that sees a batch's count sees every other value of that same batch."""
         metrics = getattr(self.context, "metrics", None)
         if metrics is None:
             return
@@ -204,14 +207,14 @@ class EmbeddingHandler(BaseHandler):
 
             served = [d.count for d, r in zip(decoded, results) if isinstance(d, DecodedRequest) and isinstance(r, np.ndarray)]
             refused = sum(isinstance(r, RequestError) for r in results)
-            metrics.add_time("HandlerTime", round(total_ms, 2), None, "ms")
-            metrics.add_counter("ImagesEmbedded", sum(served), None)
-            metrics.add_counter("RequestsRefused", refused, None)
             gauge = MetricTypes.GAUGE
             if served:
                 metrics.add_metric("ImagesPerRequest", sum(served) / len(served), "count", None, [], gauge)
             metrics.add_metric("RequestsPerBatch", len(decoded), "count", None, [], gauge)
             metrics.add_metric("ForwardTime", round(forward_ms, 3), "ms", None, [], gauge)
             metrics.add_metric("HandlerOverhead", round(max(0.0, total_ms - forward_ms), 3), "ms", None, [], gauge)
+            metrics.add_time("HandlerTime", round(total_ms, 3), None, "ms")
+            metrics.add_counter("RequestsRefused", refused, None)
+            metrics.add_counter("ImagesEmbedded", sum(served), None)  # last: see the docstring
         except Exception:  # metrics must never fail a request
             logger.debug("recording metrics failed", exc_info=True)
