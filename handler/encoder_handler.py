@@ -11,6 +11,7 @@ each request of a batch on its own (status, content type, headers).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -35,7 +36,7 @@ from image_embedder.request_decoding import (
 )
 from image_embedder.response_encoding import JSON_TYPE, EncodedResponse, encode_response
 from image_embedder.settings import EncoderSettings
-from image_embedder.worker_threads import WorkerThreads, available_cores, threads_per_worker
+from image_embedder.worker_threads import CoreShare, available_cores
 
 logger = logging.getLogger(__name__)
 
@@ -69,18 +70,21 @@ class EmbeddingHandler(BaseHandler):
         settings = EncoderSettings.from_mapping(model_config.get("handler"))
         self.device = resolve_device(settings.device, properties.get("gpu_id"))
         model_dir = properties.get("model_dir") or "."
-        self.threads: Optional[WorkerThreads] = None
+        self.cores: Optional[CoreShare] = None
         if settings.num_threads is None and self.device.type == "cpu":
-            # Each worker is its own process; workers come and go with scaling: each keeps its share.
+            # Workers are processes that come and go with scaling: each takes its share of the cores
+            # among the workers computing at the moment, before every forward pass.
             try:
-                self.threads = WorkerThreads(os.path.join(model_dir, ".workers"))
-                self.threads.refresh()
-            except OSError:  # a read-only model folder: size once, from maxWorkers or TorchServe's default
-                # (one worker per core when the archive names no count)
-                logger.warning("cannot write %s/.workers; torch threads sized from maxWorkers", model_dir)
-                torch.set_num_threads(threads_per_worker(int(model_config.get("maxWorkers") or available_cores())))
+                self.cores = CoreShare()
+                self.cores.refresh()
+            except OSError as exc:  # no writable temporary folder: a fixed share, from maxWorkers
+                workers = int(model_config.get("maxWorkers") or available_cores())
+                logger.warning("cannot share the cores (%s); torch threads fixed at cores // %d workers", exc, workers)
+                torch.set_num_threads(max(1, available_cores() // workers))
         self.encoder = ImageEncoder(settings, model_dir, self.device)
         self.model = self.encoder.model
+        if self.cores is not None:
+            self.encoder.before_pass = self.cores.refresh
         self.image_decoder = ImageDecoder.from_settings(settings)
         self.decodes_images = importlib.util.find_spec("PIL") is not None  # else images get 415
         self.model_name = context.model_name
@@ -92,8 +96,8 @@ class EmbeddingHandler(BaseHandler):
         return {
             **self.encoder.describe(),
             "content_types": accepted_content_types(self.decodes_images),
-            "worker": {"pid": os.getpid(), "torch_threads": torch.get_num_threads(),
-                       "live_workers": self.threads.workers if self.threads is not None else None},
+            "worker": {"pid": os.getpid(), "torch_threads": torch.get_num_threads(), "cores": available_cores(),
+                       "busy_workers": self.cores.busy_workers if self.cores is not None else None},
         }
 
     # -- the three steps ---------------------------------------------------------------------
@@ -181,15 +185,14 @@ class EmbeddingHandler(BaseHandler):
     def handle(self, data: list[dict], context: Any) -> list[bytes]:
         """One TorchServe batch: decoded, embedded together, each request answered on its own."""
         self.context = context
-        if self.threads is not None:
-            self.threads.refresh()
-        start = time.perf_counter()
-        decoded = self.preprocess(data)
-        forward_start = time.perf_counter()
-        results = self.inference(decoded)
-        forward_ms = (time.perf_counter() - forward_start) * 1000
-        out = self.postprocess(results, decoded)
-        self._record_metrics(decoded, forward_ms, (time.perf_counter() - start) * 1000, results)
+        with self.cores.busy() if self.cores is not None else contextlib.nullcontext():
+            start = time.perf_counter()
+            decoded = self.preprocess(data)
+            forward_start = time.perf_counter()
+            results = self.inference(decoded)
+            forward_ms = (time.perf_counter() - forward_start) * 1000
+            out = self.postprocess(results, decoded)
+            self._record_metrics(decoded, forward_ms, (time.perf_counter() - start) * 1000, results)
         return out
 
     def _record_metrics(self, decoded: list[Decoded], forward_ms: float, total_ms: float, results: list[Result]) -> None:

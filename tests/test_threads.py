@@ -1,7 +1,8 @@
-"""CPU workers share the cores, and keep sharing them after scaling: each worker leaves its pid in the
-model's worker folder and, when it handles a batch, sets its torch threads to its share of the cores
-among the workers still alive. An explicit num_threads wins. Other workers are stood in for by real
-processes (`sleep`), so "alive" and "dead" are real."""
+"""CPU workers share the cores by who is computing: a lone worker gets every core, N busy workers about
+cores / N each, re-read before every forward pass. Other workers are stood in for by real processes
+(`sleep`) holding slots in the same shared file, so "busy", "idle" and "dead" are real states.
+An explicit num_threads wins."""
+import contextlib
 import os
 import subprocess
 
@@ -11,7 +12,7 @@ import torch
 
 from image_embedder.tools.build import ArchiveSpec, build_archive
 from conftest import npy_bytes
-from image_embedder.worker_threads import WorkerThreads
+from image_embedder.worker_threads import CoreShare, share_of
 from ts_inprocess import InProcessModel, Request
 
 
@@ -23,19 +24,78 @@ def restore_threads():
 
 
 @pytest.fixture
-def siblings():
-    """Start stand-in worker processes on demand; all stopped at the end."""
+def stand_ins(tmp_path):
+    """Start stand-in worker processes, each with a slot in the test's shared file; all stopped at the end."""
     started = []
 
-    def start():
+    def start(cores: int, path: str = str(tmp_path / "busy")) -> tuple[subprocess.Popen, CoreShare]:
         proc = subprocess.Popen(["sleep", "600"])
         started.append(proc)
-        return proc
+        return proc, CoreShare(path, cores=cores, pid=proc.pid)
 
     yield start
     for proc in started:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize("cores", [1, 2, 3, 6, 16])
+def test_shares_split_the_cores_evenly(cores):
+    for busy in range(1, 20):
+        shares = [share_of(cores, busy, rank) for rank in range(busy)]
+        assert min(shares) >= 1
+        if busy <= cores:  # every core used, none twice
+            assert sum(shares) == cores and max(shares) - min(shares) <= 1, (cores, busy, shares)
+        else:  # more busy workers than cores: one thread each
+            assert set(shares) == {1}
+
+
+def test_alone_every_core_then_shared_then_every_core_again(tmp_path, restore_threads, stand_ins):
+    me = CoreShare(str(tmp_path / "busy"), cores=6)
+    with me.busy() as threads:
+        assert threads == 6 and torch.get_num_threads() == 6 and me.busy_workers == 1
+    with contextlib.ExitStack() as others:
+        for count in (2, 3):  # other workers start computing
+            _, other = stand_ins(6)
+            others.enter_context(other.busy())
+            with me.busy() as threads:
+                assert me.busy_workers == count
+                assert threads == torch.get_num_threads() == 6 // count
+    with me.busy() as threads:  # they went idle: every core again
+        assert (threads, me.busy_workers) == (6, 1)
+
+
+def test_a_batch_narrows_between_passes_when_another_worker_starts(tmp_path, restore_threads, stand_ins):
+    me = CoreShare(str(tmp_path / "busy"), cores=4)
+    _, other = stand_ins(4)
+    with me.busy() as first_pass:
+        with other.busy():
+            second_pass = me.refresh()  # what the encoder calls before each forward pass
+        third_pass = me.refresh()
+    assert (first_pass, second_pass, third_pass) == (4, 2, 4)
+
+
+def test_a_worker_killed_while_busy_stops_counting(tmp_path, restore_threads, stand_ins):
+    me = CoreShare(str(tmp_path / "busy"), cores=2)
+    proc, other = stand_ins(2)
+    with other.busy():
+        assert me.refresh() == 1
+        proc.kill()
+        proc.wait()
+        assert me.refresh() == 2 and me.busy_workers == 1
+    _, replacement = stand_ins(2)  # the dead worker's slot is free for the next one
+    assert replacement.slot == other.slot
+
+
+def test_slots_are_claimed_once_per_process_and_given_back(tmp_path, stand_ins):
+    path = str(tmp_path / "busy")
+    me = CoreShare(path, cores=2)
+    _, other = stand_ins(2)
+    assert CoreShare(path, cores=2).slot == me.slot  # the same process again: its own slot
+    assert other.slot != me.slot
+    other.close()
+    _, third = stand_ins(2)
+    assert third.slot == other.slot
 
 
 def archive(example_files, tmp_path, name, settings=None):
@@ -44,57 +104,51 @@ def archive(example_files, tmp_path, name, settings=None):
                          quiet=True)
 
 
-def embed_once(model):
-    image = np.zeros((3, 224, 224), np.float32)
-    [resp] = model.predict([Request(npy_bytes(image))])
+def embed(model, images: int = 1):
+    [resp] = model.predict([Request(npy_bytes(np.zeros((images, 3, 64, 64), np.float32)))])
     assert resp.status == 200, resp.body[:200]
 
 
-# Six cores shared by 1, 2, 3, 4 and 7 live workers: 6, 3, 2, 1 (6 // 4 rounds down) and at least 1.
-SHARES = [(1, 6), (2, 3), (3, 2), (4, 1), (7, 1)]
-
-
-def test_threads_follow_the_live_workers_through_scaling(example_files, tmp_path, restore_threads, siblings):
-    model = InProcessModel(archive(example_files, tmp_path, "threads_live"), model_name="threads_live")
+def test_handler_sizes_every_pass_and_goes_idle_after_the_batch(example_files, tmp_path, restore_threads,
+                                                                stand_ins, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the shared file of this "server"
+    monkeypatch.setattr("tempfile.tempdir", None)
+    model = InProcessModel(archive(example_files, tmp_path, "threads_share", {"default_batch_size": 2}),
+                           model_name="threads_share")
     handler = model.service._entry_point.__self__
-    threads = handler.threads
-    assert threads is not None and os.path.isfile(os.path.join(threads.folder, str(os.getpid())))
-    threads.cores, threads.interval = 6, 0.0  # a 6-core machine; recount on every batch
-    others = []
-    for workers, expected in SHARES:
-        while len(others) + 1 < workers:  # scale up: another worker process registers itself
-            proc = siblings()
-            others.append(proc)
-            open(os.path.join(threads.folder, str(proc.pid)), "w").close()
-        embed_once(model)
-        assert (threads.workers, torch.get_num_threads()) == (workers, expected)
-    for proc in others:  # scale down (or workers killed): their pids die, the survivor gets the cores back
-        proc.kill()
-        proc.wait()
-    embed_once(model)
-    assert (threads.workers, torch.get_num_threads()) == (1, 6)
-    assert os.listdir(threads.folder) == [str(os.getpid())]  # dead workers' pids are dropped
+    me = handler.cores
+    assert me is not None and me.path == str(tmp_path / f"image-embedder-busy-workers-{os.getuid()}")
+    me.cores = 4
+    _, other = stand_ins(4, me.path)
+    passes = []
+    refresh = handler.encoder.before_pass
 
+    def before_pass():
+        threads = refresh()
+        passes.append((threads, me.busy_workers))
+        if len(passes) == 1:  # another worker starts computing after this batch's first pass began
+            stack.enter_context(other.busy())
 
-def test_recount_is_throttled(tmp_path, restore_threads, siblings):
-    threads = WorkerThreads(str(tmp_path / "workers"), interval=10.0, cores=4)
-    assert threads.refresh(now=100.0) == 4
-    proc = siblings()
-    open(os.path.join(threads.folder, str(proc.pid)), "w").close()
-    assert threads.refresh(now=105.0) == 4  # within the interval: no recount
-    assert threads.refresh(now=110.0) == 2
+    handler.encoder.before_pass = before_pass
+    with contextlib.ExitStack() as stack:
+        embed(model, images=6)  # three passes of 2
+    assert passes == [(4, 1), (2, 2), (2, 2)]
+    assert me._table[me.slot, 1] == 0  # idle once the batch is answered
+    passes.clear()
+    embed(model, images=2)
+    assert passes == [(4, 1)]  # alone again
 
 
 def test_explicit_num_threads_wins(example_files, tmp_path, restore_threads):
     torch.set_num_threads(7)  # anything the load must overwrite
     model = InProcessModel(archive(example_files, tmp_path, "threads3", {"num_threads": 3}), model_name="threads3")
-    assert model.service._entry_point.__self__.threads is None
-    embed_once(model)
+    assert model.service._entry_point.__self__.cores is None
+    embed(model)
     assert torch.get_num_threads() == 3
 
 
-def test_read_only_model_folder_falls_back_to_max_workers(example_files, tmp_path, restore_threads, monkeypatch):
-    """A worker that can't leave its pid (read-only model folder) still loads, sized from maxWorkers."""
+def test_no_writable_temporary_folder_falls_back_to_max_workers(example_files, tmp_path, restore_threads, monkeypatch):
+    """A worker that can't open the shared file still loads, with a fixed share from maxWorkers."""
     import yaml
 
     config = tmp_path / "model-config.yaml"
@@ -102,18 +156,11 @@ def test_read_only_model_folder_falls_back_to_max_workers(example_files, tmp_pat
     mar = build_archive(ArchiveSpec(example_files["model_file"], example_files["class"], example_files["state_dict"],
                                     "conv1", name="threads_ro", export_path=str(tmp_path), config_file=str(config)),
                         quiet=True)
-
-    makedirs = os.makedirs
-
-    def refuse_workers_folder(path, *args, **kwargs):
-        if str(path).endswith(".workers"):
-            raise PermissionError(f"read-only file system: {path}")
-        return makedirs(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "makedirs", refuse_workers_folder)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    (tmp_path / f"image-embedder-busy-workers-{os.getuid()}").mkdir()  # a folder where the file would be
     torch.set_num_threads(7)
     model = InProcessModel(mar, model_name="threads_ro")
-    monkeypatch.undo()
-    assert model.service._entry_point.__self__.threads is None
+    assert model.service._entry_point.__self__.cores is None
     assert torch.get_num_threads() == 1  # 64 workers' share of any machine with fewer than 128 cores
-    embed_once(model)
+    embed(model)

@@ -9,7 +9,7 @@ import math
 import os
 import warnings
 from collections import OrderedDict
-from typing import Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -86,6 +86,7 @@ class ImageEncoder:
         self._mean = self._channel_vector(settings.mean)
         self._std = self._channel_vector(settings.std)
         self.embedding_dim: Optional[int] = None
+        self.before_pass: Callable[[], Any] = lambda: None  # called before every forward pass (thread sizing)
         if settings.input_shape:
             try:
                 self.embedding_dim = int(self.embed(np.zeros((1, *settings.input_shape), np.float32)).shape[1])
@@ -176,7 +177,10 @@ class ImageEncoder:
     def embed_prepared(self, batch: torch.Tensor) -> np.ndarray:
         """Embeddings of a prepared batch of any size, in forward passes of at most rows_per_pass images."""
         step = self.rows_per_pass(batch.shape[1:])
-        parts = [self.embed_batch(batch[i: i + step]) for i in range(0, len(batch), step)]
+        parts = []
+        for i in range(0, len(batch), step):
+            self.before_pass()
+            parts.append(self.embed_batch(batch[i: i + step]))
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out.float().cpu().numpy()
 

@@ -1,18 +1,27 @@
-"""torch threads per CPU worker that follow the live worker count, so workers x threads fits the cores.
+"""torch threads per CPU worker, from the workers computing right now: a lone request gets every core.
 
-TorchServe runs each worker as its own process, and scales them at run time (`PUT /models/<name>?min_worker=N`)
-without telling the workers already running. So each worker leaves its pid in a folder shared by the
-model's workers (the unpacked archive's folder, one per model) and, at most once per `interval` seconds
-when it handles a batch, counts the pids there that are still alive and sets its threads to
-cores // live workers. A killed worker's pid is dropped the first time it is found dead.
+TorchServe runs each worker as its own process and tells none of them what the others are doing. So
+every worker of every model that one TorchServe serves (they share its temporary folder) holds a slot
+in one small shared file: its pid and whether it is computing. Before each forward pass a worker marks
+itself busy, counts the busy workers and takes its share of the cores (cores // busy, the remainder to
+the lowest slots); when its batch is answered it marks itself idle. Alone it uses every core; N busy at
+once use about cores / N each, so threads x busy workers stays within the cores, and a batch that
+started alone narrows at its next pass when another worker starts (and widens when it stops).
+A worker killed while busy is dropped the first time another finds its pid dead.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import mmap
 import os
-import time
-from typing import Optional
+import tempfile
+from typing import Iterator, Optional
 
+import numpy as np
 import torch
+
+SLOTS = 1024  # workers per TorchServe: pid and busy flag, two int32 each (8 KiB)
 
 
 def available_cores() -> int:
@@ -23,9 +32,9 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def threads_per_worker(workers: int, cores: Optional[int] = None) -> int:
-    """torch threads for one of `workers` CPU workers: an equal share of the cores, at least one."""
-    return max(1, (cores or available_cores()) // max(1, workers))
+def default_share_file() -> str:
+    """One file per TorchServe: its workers all unpack models under the same temporary folder."""
+    return os.path.join(tempfile.gettempdir(), f"image-embedder-busy-workers-{os.getuid()}")
 
 
 def _alive(pid: int) -> bool:
@@ -38,41 +47,66 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class WorkerThreads:
-    """This worker's entry in the model's worker folder, and its thread count kept to its share."""
+def share_of(cores: int, busy: int, rank: int) -> int:
+    """Threads for the worker of this rank among `busy` computing workers: an even split of the cores,
+    the remainder to the lowest ranks, and never less than one."""
+    base, extra = divmod(cores, max(1, busy))
+    return max(1, base + (rank < extra))
 
-    def __init__(self, folder: str, interval: float = 1.0, cores: Optional[int] = None) -> None:
-        self.folder = folder
-        self.interval = interval
+
+class CoreShare:
+    """This worker's slot in the shared file, and its torch threads kept to its share of the cores."""
+
+    def __init__(self, path: Optional[str] = None, cores: Optional[int] = None, pid: Optional[int] = None) -> None:
+        self.path = path or default_share_file()
         self.cores = cores or available_cores()
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, str(os.getpid())), "w"):
-            pass
-        self._checked = float("-inf")
-        self.workers = 1
+        self.pid = pid or os.getpid()
+        self.busy_workers = 0
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # claiming a slot is the only write two workers could race on
+            if os.fstat(fd).st_size < SLOTS * 8:
+                os.ftruncate(fd, SLOTS * 8)
+            self._map = mmap.mmap(fd, SLOTS * 8)
+            self._table = np.frombuffer(self._map, dtype=np.int32).reshape(SLOTS, 2)  # (pid, busy) per slot
+            self.slot = self._claim()
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
-    def live_workers(self) -> int:
-        """The workers whose pid file is here and whose process is alive (this one included)."""
-        count = 0
-        for name in os.listdir(self.folder):
-            if not name.isdigit():
-                continue
-            if _alive(int(name)):
-                count += 1
-            else:
-                try:
-                    os.remove(os.path.join(self.folder, name))
-                except OSError:
-                    pass
-        return max(1, count)
+    def _claim(self) -> int:
+        for slot, (pid, _) in enumerate(self._table):
+            if pid in (0, self.pid) or not _alive(int(pid)):
+                self._table[slot] = (self.pid, 0)
+                return slot
+        raise OSError(f"all {SLOTS} worker slots of {self.path} belong to live processes")
 
-    def refresh(self, now: Optional[float] = None) -> int:
-        """Recount the live workers (at most once per interval) and set torch's threads to this worker's share."""
-        now = time.monotonic() if now is None else now
-        if now - self._checked >= self.interval:
-            self._checked = now
-            self.workers = self.live_workers()
-            threads = threads_per_worker(self.workers, self.cores)
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
-        return torch.get_num_threads()
+    def refresh(self) -> int:
+        """Before a forward pass of a busy worker: count the busy workers (dropping dead ones) and set
+        torch's threads to this worker's share of the cores now."""
+        ranked = []
+        for slot in np.flatnonzero(self._table[:, 1]):
+            if slot == self.slot or _alive(int(self._table[slot, 0])):
+                ranked.append(int(slot))
+            else:  # killed while computing
+                self._table[slot, 1] = 0
+        if self.slot not in ranked:  # called outside `busy`: count this worker as about to compute
+            ranked = sorted([*ranked, self.slot])
+        self.busy_workers = len(ranked)
+        threads = share_of(self.cores, len(ranked), ranked.index(self.slot))
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        return threads
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[int]:
+        """Computing from here to the end of the block: yields this worker's threads at the start."""
+        self._table[self.slot, 1] = 1
+        try:
+            yield self.refresh()
+        finally:
+            self._table[self.slot, 1] = 0
+
+    def close(self) -> None:
+        """Give the slot back (a worker that dies without this is found dead instead)."""
+        self._table[self.slot] = (0, 0)
