@@ -24,6 +24,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from .decoded_request import images_unsupported
 from .errors import RequestError, bad_request
 from .worker_threads import available_cores
 
@@ -147,9 +148,7 @@ class ImageDecoder:
         try:
             from PIL import Image, ImageOps
         except ImportError as exc:  # the archive's Python lacks Pillow
-            raise RequestError(
-                415, "ImagesUnsupported", "this server cannot decode images: Pillow is not installed; send .npy or JSON"
-            ) from exc
+            raise images_unsupported() from exc
         limit = self.max_pixels if self.max_pixels is not None else Image.MAX_IMAGE_PIXELS
         try:
             # Pillow only warns between its limit and twice that; the size check below refuses
