@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import replace
 from http import HTTPStatus
 from typing import Any, Optional, Union
 
@@ -29,19 +28,14 @@ from ts.torch_handler.base_handler import BaseHandler
 from image_embedder.encoder import ImageEncoder, resolve_device
 from image_embedder.errors import RequestError
 from image_embedder.image_decoding import ImageDecoder
-from image_embedder.kserve_v2 import HEADER_LENGTH
-from image_embedder.request_decoding import (
-    DecodedRequest, Describe, accepted_content_types, check_no_part_dropped, check_request_limits, decode_multipart,
-    decode_request, request_body,
-)
-from image_embedder.response_encoding import JSON_TYPE, EncodedResponse, encode_response
+from image_embedder.request_decoding import Decoded, DecodedRequest, Describe, accepted_content_types, decode_batch
+from image_embedder.response_encoding import JSON_TYPE, BatchResults, EncodedResponse, encode_response
 from image_embedder.settings import EncoderSettings
 from image_embedder.worker_threads import CoreShare, available_cores
 
 logger = logging.getLogger(__name__)
 
 
-Decoded = Union[DecodedRequest, RequestError, Describe]
 Result = Union[np.ndarray, RequestError, Describe]
 
 
@@ -51,11 +45,6 @@ def _request_headers(context: Any, idx: int) -> dict[str, Any]:
         return {str(k).lower(): v for k, v in context.get_all_request_header(idx).items()}
     except (AttributeError, IndexError, TypeError):
         return {}
-
-
-def _text(headers: dict[str, Any], name: str) -> Optional[str]:
-    value = headers.get(name)
-    return value if isinstance(value, str) else None
 
 
 class EmbeddingHandler(BaseHandler):
@@ -101,72 +90,34 @@ class EmbeddingHandler(BaseHandler):
         }
 
     # -- the three steps ---------------------------------------------------------------------
-    def _decode(self, row: dict, headers: dict[str, Any]) -> DecodedRequest:
-        """multipart/form-data: TorchServe hands each part as its own key of `row`, with the part's
-        Content-Type in the request headers under the part's name; anything else is one body."""
-        request_type = _text(headers, "content-type") or ""
-        if request_type.lower().startswith("multipart/"):
-            parts = []
-            for name, value in row.items():
-                part = headers.get(str(name).lower())
-                parts.append((str(name), value, part.get("content-type", "") if isinstance(part, dict) else ""))
-            check_no_part_dropped(parts, headers.get("content-length"), request_type)
-            return decode_multipart(parts, self.image_decoder)
-        content_type = request_type
-        for name in ("body", "data", *row.keys()):  # the part's own type, when TorchServe recorded one
-            part = headers.get(str(name).lower())
-            if isinstance(part, dict) and part.get("content-type"):
-                content_type = part["content-type"]
-                break
-        return decode_request(request_body(row), content_type, self.image_decoder, _text(headers, HEADER_LENGTH))
-
     @timed
     def preprocess(self, data: list[dict]) -> list[Decoded]:
         """Decode and check each request on its own: a bad one becomes its RequestError."""
-        s = self.encoder.settings
-        decoded: list[Decoded] = []
-        self.image_decoder.prefetch(data)  # this batch's PNG/JPEGs decode in parallel from here on
-        for idx, row in enumerate(data):
-            headers = _request_headers(self.context, idx)
-            if str(headers.get("describe")).lower() == "true":
-                decoded.append(Describe())
-                continue
-            try:
-                request = self._decode(row or {}, headers)
-                check_request_limits(request, s.max_images_per_request, s.max_batch_pixels)
-                decoded.append(replace(request, accept=_text(headers, "accept")))
-            except RequestError as exc:
-                body = request_body(row or {})
-                v2 = HEADER_LENGTH in headers or (isinstance(body, dict) and "inputs" in body)
-                decoded.append(exc.for_kserve_v2() if v2 else exc)
-            except Exception as exc:  # a decoder bug must still cost only this request
-                logger.exception("decoding request %d failed", idx)
-                decoded.append(RequestError(500, "InternalError", f"decoding failed: {type(exc).__name__}: {exc}"))
-        return decoded
+        headers = [_request_headers(self.context, idx) for idx in range(len(data))]
+        return decode_batch(data, headers, self.image_decoder, self.encoder.settings)
 
     @timed
-    def inference(self, decoded: list[Decoded], *args: Any, **kwargs: Any) -> list[Result]:
-        """Embed all good requests together; errors and describe requests pass through untouched."""
-        good = [(i, d) for i, d in enumerate(decoded) if isinstance(d, DecodedRequest)]
-        results: list[Result] = list(decoded)
+    def inference(self, data: list[Decoded], *args: Any, **kwargs: Any) -> BatchResults:
+        """Embed all good requests together; errors and describe requests pass through untouched.
+        The results carry the decoded requests, which postprocess answers each in its protocol."""
+        good = [(i, d) for i, d in enumerate(data) if isinstance(d, DecodedRequest)]
+        results: list[Result] = list(data)
         if good:
             embedded = self.encoder.embed_requests([d.images for _, d in good])
-            for (i, _), result in zip(good, embedded):
-                results[i] = result
-        return results
+            for (i, request), result in zip(good, embedded):
+                results[i] = request.refusal(result) if isinstance(result, RequestError) else result
+        return BatchResults(results, data)
 
     @timed
-    def postprocess(self, results: list[Result], decoded: list[Decoded]) -> list[bytes]:
+    def postprocess(self, data: BatchResults) -> list[bytes]:
         """Serialize each answer once and set its status, Content-Type and headers."""
         out = []
-        for idx, (result, request) in enumerate(zip(results, decoded)):
+        for idx, (result, request) in enumerate(zip(data, data.requests)):
             if isinstance(result, RequestError):
-                v2 = isinstance(request, DecodedRequest) and request.protocol == "kserve_v2"
-                answer = self._error(idx, result.for_kserve_v2() if v2 else result)
+                answer = self._error(idx, result)
             elif isinstance(result, Describe):
                 answer = EncodedResponse(json.dumps(self.describe(), separators=(",", ":")).encode("utf-8"), JSON_TYPE)
             else:
-                assert isinstance(request, DecodedRequest)
                 answer = encode_response(result, request, self.model_name)
             self.context.set_response_content_type(idx, answer.content_type)
             for name, value in answer.headers.items():  # TorchServe passes these through to the client
@@ -191,7 +142,7 @@ class EmbeddingHandler(BaseHandler):
             forward_start = time.perf_counter()
             results = self.inference(decoded)
             forward_ms = (time.perf_counter() - forward_start) * 1000
-            out = self.postprocess(results, decoded)
+            out = self.postprocess(results)
             self._record_metrics(decoded, forward_ms, (time.perf_counter() - start) * 1000, results)
         return out
 

@@ -26,6 +26,7 @@ def refused(body, content_type="", status=400, kind=None) -> RequestError:
     if kind:
         assert err.value.kind == kind, err.value.message
     doc = json.loads(err.value.to_json())
+    assert doc.pop("error", err.value.message) == err.value.message  # a KServe v2 refusal also carries `error`
     assert doc == {"code": status, "type": err.value.kind, "message": err.value.message}
     return err.value
 

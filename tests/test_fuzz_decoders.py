@@ -22,9 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import npy_bytes
+from image_embedder.decoded_request import ALLOWED_DTYPES
 from image_embedder.errors import RequestError
 from image_embedder.npy_codec import NPY_MAGIC, read_npy
-from image_embedder.request_decoding import ALLOWED_DTYPES, DecodedRequest, check_request_limits, decode_request
+from image_embedder.request_decoding import DecodedRequest, check_request_limits, decode_request
 from image_embedder.tools.reference import reference_embeddings
 from ts_inprocess import Request
 

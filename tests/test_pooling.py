@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from image_embedder.pooling import pool, pool_layers
+from image_embedder.pooling import Pooling, pool, pool_layers
 
 RNG = np.random.default_rng(11)
 MAPS = RNG.standard_normal((2, 5, 4, 3)).astype(np.float32)  # (N, C, H, W)
@@ -73,12 +73,12 @@ def test_volumes_pool_every_spatial_axis():
 
 
 def test_pool_layers_concatenates_and_normalizes():
-    out = pool_layers([torch.from_numpy(MAPS), torch.from_numpy(FLAT[:2])], "avg", normalize=True).numpy()
+    out = pool_layers([torch.from_numpy(MAPS), torch.from_numpy(FLAT[:2])], Pooling("avg", normalize=True)).numpy()
     joined = np.concatenate([MAPS.mean(axis=(2, 3)), FLAT[:2]], axis=1)
     np.testing.assert_allclose(out, joined / np.linalg.norm(joined, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
     assert out.dtype == np.float32
 
 
 def test_half_precision_comes_back_as_float32():
-    out = pool_layers([torch.from_numpy(MAPS).half()], "avg")
+    out = pool_layers([torch.from_numpy(MAPS).half()], Pooling("avg"))
     assert out.dtype == torch.float32

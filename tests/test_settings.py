@@ -1,8 +1,10 @@
 """EncoderSettings: defaults follow the original encoder; every bad value fails with a message naming it."""
+from dataclasses import fields
+
 import pytest
 
 from image_embedder.errors import ConfigError
-from image_embedder.settings import POOLINGS, EncoderSettings
+from image_embedder.settings import CHECKS, POOLINGS, EncoderSettings
 
 BASE = {"model_definition_file": "model.py", "model_class_name": "CustomModel"}
 
@@ -95,6 +97,10 @@ def test_model_init_kwargs_must_be_a_mapping(value):
 def test_other_bad_values_name_the_setting(key, value, expected):
     with pytest.raises(ConfigError, match=expected):
         settings(**{key: value})
+
+
+def test_every_setting_declares_its_kind():
+    assert list(CHECKS) and set(CHECKS) == {f.name for f in fields(EncoderSettings)}
 
 
 def test_as_dict_round_trips():

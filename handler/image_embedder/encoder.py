@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Optional, Sequence, Union
@@ -14,11 +13,10 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .checkpoints import UnwrapOptions
 from .errors import ConfigError, RequestError, bad_request
 from .layer_tap import LayerTap
-from .loading import load_model
-from .pooling import pool_layers
+from .loading import ModelSource
+from .pooling import Pooling, pool_layers
 from .settings import EncoderSettings
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -68,19 +66,11 @@ class ImageEncoder:
         self.pass_size = settings.pass_size(self.device.type)
         if settings.num_threads:
             torch.set_num_threads(settings.num_threads)
-        weights = settings.model_state_dict_path
-        model = load_model(
-            os.path.join(model_dir, settings.model_definition_file),
-            settings.model_class_name,
-            os.path.join(model_dir, weights) if weights else None,
-            settings.model_init_kwargs,
-            str(self.device),
-            settings.sha256,
-            unwrap_options=UnwrapOptions.from_settings(settings),
-        )
+        model = ModelSource.from_settings(settings, model_dir).load(str(self.device))
         if settings.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
+        self.pooling = Pooling.from_settings(settings)
         self.tap = LayerTap(model, settings.layer_names, early_exit=settings.early_exit and not settings.compile)
         self._forward = torch.compile(model) if settings.compile else model
         self._mean = self._channel_vector(settings.mean)
@@ -165,9 +155,7 @@ class ImageEncoder:
         if self.settings.channels_last and batch.dim() == 4:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), self._autocast():
-            outputs = self.tap(batch, self._forward)
-            s = self.settings
-            return pool_layers(outputs, s.pooling, s.channel_axis, s.gem_p, s.normalize)
+            return pool_layers(self.tap(batch, self._forward), self.pooling)
 
     def rows_per_pass(self, image_shape: Sequence[int]) -> int:
         """How many images of this shape one forward pass may hold (default_batch_size, max_batch_pixels)."""

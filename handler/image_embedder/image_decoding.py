@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import io
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from .decoded_request import images_unsupported
 from .errors import RequestError, bad_request
 from .worker_threads import available_cores
 
@@ -86,33 +88,44 @@ def default_decode_threads() -> int:
     return available_cores()
 
 
+@dataclass(eq=False)
 class ImageDecoder:
     """Callable `(body, content_type) -> [uint8 (1, C, H, W)] | None`: None when the body is no image.
 
-    `max_pixels` None means Pillow's own Image.MAX_IMAGE_PIXELS; `threads` sizes the pool that
-    `prefetch` uses (1: everything in the caller's thread); `jpeg_draft` allows DCT scaling;
-    `exact_resize` False resizes only the window the crop keeps (same sampling positions, but
-    float rounding moves a few pixels by one grey level: docs/performance.md).
+    Its options are plain data (`from_settings` reads them from the archive's settings): `mode` the
+    Pillow mode images become, `resize` the shorter side, `crop` the centered square; `max_pixels`
+    None means Pillow's own Image.MAX_IMAGE_PIXELS; `threads` sizes the pool that `prefetch` uses
+    (1: everything in the caller's thread); `jpeg_draft` allows DCT scaling; `exact_resize` False
+    resizes only the window the crop keeps (same sampling positions, but float rounding moves a few
+    pixels by one grey level: docs/performance.md).
     """
 
-    def __init__(self, mode: str = "RGB", resize: Optional[int] = None, crop: Optional[int] = None,
-                 max_pixels: Optional[int] = None, threads: int = 1, jpeg_draft: bool = False,
-                 exact_resize: bool = True) -> None:
-        self.mode = mode
-        self.resize = resize
-        self.crop = crop
-        self.max_pixels = max_pixels
-        self.threads = max(1, threads)
-        self.jpeg_draft = jpeg_draft
-        self.exact_resize = exact_resize
-        self._pool: Optional[ThreadPoolExecutor] = None
-        self._pending: dict[int, tuple[Any, Future]] = {}  # id(body) -> (body, its decode)
+    mode: str = "RGB"
+    resize: Optional[int] = None
+    crop: Optional[int] = None
+    max_pixels: Optional[int] = None
+    threads: int = 1
+    jpeg_draft: bool = False
+    exact_resize: bool = True
+    _pool: Optional[ThreadPoolExecutor] = field(default=None, init=False, repr=False)
+    # id(body) -> (body, its decode), for the batch `prefetch` started
+    _pending: dict[int, tuple[Any, Future]] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.threads = max(1, self.threads)
 
     @classmethod
     def from_settings(cls, settings: Any) -> "ImageDecoder":
-        threads = settings.decode_threads or default_decode_threads()
-        return cls(color_mode_for(settings.color_mode, settings.input_shape), settings.resize, settings.center_crop,
-                   settings.max_image_pixels, threads, settings.jpeg_draft, settings.exact_resize)
+        """The decoder an archive's EncoderSettings ask for."""
+        return cls(
+            mode=color_mode_for(settings.color_mode, settings.input_shape),
+            resize=settings.resize,
+            crop=settings.center_crop,
+            max_pixels=settings.max_image_pixels,
+            threads=settings.decode_threads or default_decode_threads(),
+            jpeg_draft=settings.jpeg_draft,
+            exact_resize=settings.exact_resize,
+        )
 
     def __call__(self, body: Any, content_type: str = "") -> Optional[list[np.ndarray]]:
         content_type = (content_type or "").split(";")[0].strip().lower()
@@ -147,9 +160,7 @@ class ImageDecoder:
         try:
             from PIL import Image, ImageOps
         except ImportError as exc:  # the archive's Python lacks Pillow
-            raise RequestError(
-                415, "ImagesUnsupported", "this server cannot decode images: Pillow is not installed; send .npy or JSON"
-            ) from exc
+            raise images_unsupported() from exc
         limit = self.max_pixels if self.max_pixels is not None else Image.MAX_IMAGE_PIXELS
         try:
             # Pillow only warns between its limit and twice that; the size check below refuses

@@ -21,16 +21,14 @@ is refused with its name. Every size is checked against the body before anything
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import math
 import struct
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 
+from .decoded_request import DecodeImage, DecodedRequest, base64_bytes, check_images, decode_image, json_numbers
 from .errors import RequestError, bad_request
 
 HEADER_LENGTH = "inference-header-content-length"  # request and response header, compared lower-case
@@ -39,17 +37,29 @@ TENSOR_DTYPES = {"UINT8": np.dtype("<u1"), "FP16": np.dtype("<f2"), "FP32": np.d
 SUPPORTED = (*TENSOR_DTYPES, "BYTES")
 KIND = "InvalidKServeV2"
 
-Check = Callable[[np.ndarray, str], np.ndarray]  # one image or batch -> a checked batch (request_decoding)
-DecodeImage = Callable[[bytes, str], list[np.ndarray]]  # one encoded image -> checked batches
+
+def decode_body(body: Any, header_length: str, image_decoder: Optional[DecodeImage]) -> DecodedRequest:
+    """A request sent with Inference-Header-Content-Length: a JSON header and the binary section after it
+    (a body TorchServe already parsed as JSON has no binary section). Refused in v2's error form."""
+    try:
+        if isinstance(body, (dict, list)):
+            return _decode(body, memoryview(b""), image_decoder)
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        if not isinstance(body, (bytes, bytearray)):
+            raise bad_request(f"unsupported body of type {type(body).__name__}", "InvalidBody")
+        return _decode(*split_body(body, header_length), image_decoder)
+    except RequestError as exc:
+        raise exc.for_kserve_v2() from exc
 
 
-@dataclass(frozen=True)
-class V2Request:
-    """The decoded tensors of one v2 request and what its answer must look like."""
-
-    images: list[np.ndarray]
-    request_id: Optional[str]
-    binary_output: bool
+def decode(payload: Any, binary: Optional[memoryview], image_decoder: Optional[DecodeImage]) -> DecodedRequest:
+    """A v2 request's images, in input order; `binary` is the section after the JSON header (None: JSON only).
+    Refused in v2's error form (the body also carries `error`, where v2 clients look)."""
+    try:
+        return _decode(payload, binary, image_decoder)
+    except RequestError as exc:
+        raise exc.for_kserve_v2() from exc
 
 
 def split_body(body: bytes | bytearray, header_length: str) -> tuple[Any, memoryview]:
@@ -76,6 +86,28 @@ def split_body(body: bytes | bytearray, header_length: str) -> tuple[Any, memory
     return header, view[length:]
 
 
+def _decode(payload: Any, binary: Optional[memoryview], image_decoder: Optional[DecodeImage]) -> DecodedRequest:
+    if not isinstance(payload, dict):
+        raise bad_request(f"KServe v2 header must be a JSON object, got {type(payload).__name__}", KIND)
+    inputs = payload.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise bad_request('KServe v2 body needs a non-empty "inputs" list', KIND)
+    offset = 0
+    images: list[np.ndarray] = []
+    for i, tensor in enumerate(inputs):
+        batches, used = _tensor(tensor, f"inputs[{i}]", binary, offset, image_decoder)
+        images.extend(batches)
+        offset += used
+    available = len(binary) if binary is not None else 0
+    if offset != available:
+        raise bad_request(
+            f"the binary section holds {available} bytes but the inputs' binary_data_size add up to {offset}", KIND
+        )
+    request_id = payload.get("id")
+    return DecodedRequest(images, "kserve_v2", request_id if isinstance(request_id, str) else None,
+                          binary_output=_binary_output(payload))
+
+
 def _non_negative_int(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise bad_request(f"{where} must be a non-negative integer, got {value!r}", KIND)
@@ -99,13 +131,9 @@ def _flat(data: Any, where: str) -> list:
     return out
 
 
-def _json_numbers(data: Any, dtype: np.dtype, count: int, where: str) -> np.ndarray:
-    if isinstance(data, (str, bytes, dict)) or data is None:
-        raise bad_request(f"{where} must be a list of numbers, got {type(data).__name__}", "InvalidJson")
-    try:
-        values = np.asarray(data, dtype=np.float64)
-    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
-        raise bad_request(f"{where} is not a rectangular list of numbers: {exc}", "InvalidJson") from exc
+def _numbers(data: Any, dtype: np.dtype, count: int, where: str) -> np.ndarray:
+    """JSON `data` of a numeric datatype: `count` values, each one the datatype holds."""
+    values = json_numbers(data, where, np.float64)
     if values.size != count:
         raise bad_request(f"{where}: shape needs {count} values but data holds {values.size}", KIND)
     if dtype == np.uint8 and values.size and (
@@ -143,10 +171,7 @@ def _base64_elements(data: Any, count: int, where: str) -> list[bytes]:
     for i, item in enumerate(items):
         if not isinstance(item, str):
             raise bad_request(f"{where}[{i}] must be a base64 string, got {type(item).__name__}", KIND)
-        try:
-            out.append(base64.b64decode(item.split(",", 1)[1] if item.startswith("data:") else item, validate=True))
-        except (binascii.Error, ValueError) as exc:
-            raise bad_request(f"{where}[{i}] is not valid base64: {exc}", "InvalidBase64") from exc
+        out.append(base64_bytes(item, f"{where}[{i}]"))
     return out
 
 
@@ -175,9 +200,8 @@ def _binary_output(payload: dict) -> bool:
     return binary
 
 
-def _tensor(tensor: Any, where: str, section: Optional[memoryview], offset: int, check: Check,
-            decode_image: Optional[DecodeImage]) -> tuple[list[np.ndarray], int]:
-    """One input's image batches, and how many bytes of the binary section it used (from `offset`)."""
+def _shape_and_datatype(tensor: Any, where: str) -> tuple[list[int], str]:
+    """An input's declared shape (positive integers) and datatype (one this server reads)."""
     if not isinstance(tensor, dict):
         raise bad_request(f"{where} must be an object with name, shape, datatype and data", KIND)
     shape, datatype = tensor.get("shape"), tensor.get("datatype")
@@ -189,37 +213,47 @@ def _tensor(tensor: Any, where: str, section: Optional[memoryview], offset: int,
         raise bad_request(
             f"{where}.datatype {datatype!r} is not supported; use one of {', '.join(SUPPORTED)}", "UnsupportedDtype"
         )
-    count = math.prod(shape)
+    return shape, datatype
+
+
+def _binary_data(tensor: dict, where: str, section: Optional[memoryview], offset: int) -> Optional[memoryview]:
+    """An input's bytes in the binary section (from `offset`), or None when it carries JSON `data`."""
     parameters = tensor.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise bad_request(f"{where}.parameters must be an object", KIND)
-    raw: Optional[memoryview] = None
-    if "binary_data_size" in parameters:
-        size = _non_negative_int(parameters["binary_data_size"], f"{where}.parameters.binary_data_size")
-        if "data" in tensor:
-            raise bad_request(f"{where} has both data and binary_data_size; send one", KIND)
-        if section is None:
-            raise bad_request(
-                f"{where} has binary_data_size but the request has no Inference-Header-Content-Length header "
-                "saying where its binary section starts", KIND,
-            )
-        if offset + size > len(section):
-            raise bad_request(
-                f"{where}.binary_data_size {size} runs past the body: {len(section) - offset} bytes remain "
-                "after the JSON header and the inputs before it", KIND,
-            )
-        raw = section[offset: offset + size]
-    elif "data" not in tensor:
-        raise bad_request(f"{where} has neither data nor parameters.binary_data_size", KIND)
+    if "binary_data_size" not in parameters:
+        if "data" not in tensor:
+            raise bad_request(f"{where} has neither data nor parameters.binary_data_size", KIND)
+        return None
+    size = _non_negative_int(parameters["binary_data_size"], f"{where}.parameters.binary_data_size")
+    if "data" in tensor:
+        raise bad_request(f"{where} has both data and binary_data_size; send one", KIND)
+    if section is None:
+        raise bad_request(
+            f"{where} has binary_data_size but the request has no Inference-Header-Content-Length header "
+            "saying where its binary section starts", KIND,
+        )
+    if offset + size > len(section):
+        raise bad_request(
+            f"{where}.binary_data_size {size} runs past the body: {len(section) - offset} bytes remain "
+            "after the JSON header and the inputs before it", KIND,
+        )
+    return section[offset: offset + size]
+
+
+def _tensor(tensor: Any, where: str, section: Optional[memoryview], offset: int,
+            image_decoder: Optional[DecodeImage]) -> tuple[list[np.ndarray], int]:
+    """One input's image batches, and how many bytes of the binary section it used (from `offset`)."""
+    shape, datatype = _shape_and_datatype(tensor, where)
+    count = math.prod(shape)
+    raw = _binary_data(tensor, where, section, offset)
     used = 0 if raw is None else len(raw)
     if datatype == "BYTES":
         items = _bytes_elements(raw, count, where) if raw is not None else _base64_elements(tensor["data"], count, f"{where}.data")
-        if decode_image is None:
-            raise RequestError(415, "ImagesUnsupported", f"{where}: this server does not decode images")
-        return [a for j, item in enumerate(items) for a in decode_image(item, f"{where}[{j}]")], used
+        return [a for j, item in enumerate(items) for a in decode_image(item, "", f"{where}[{j}]", image_decoder)], used
     dtype = TENSOR_DTYPES[datatype]
     if raw is None:
-        array = _json_numbers(tensor["data"], dtype, count, f"{where}.shape {shape}")
+        array = _numbers(tensor["data"], dtype, count, f"{where}.shape {shape}")
     elif len(raw) != count * dtype.itemsize:
         raise bad_request(
             f"{where}: shape {shape} of {datatype} needs {count * dtype.itemsize} bytes but binary_data_size "
@@ -229,29 +263,7 @@ def _tensor(tensor: Any, where: str, section: Optional[memoryview], offset: int,
         array = np.frombuffer(raw, dtype=dtype, count=count)
         if not dtype.isnative:
             array = array.astype(dtype.newbyteorder("="))
-    return [check(array.reshape(shape), where)], used
-
-
-def decode(payload: Any, binary: Optional[memoryview], check: Check, decode_image: Optional[DecodeImage]) -> V2Request:
-    """A v2 request's images, in input order; `binary` is the section after the JSON header (None: JSON only)."""
-    if not isinstance(payload, dict):
-        raise bad_request(f"KServe v2 header must be a JSON object, got {type(payload).__name__}", KIND)
-    inputs = payload.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
-        raise bad_request('KServe v2 body needs a non-empty "inputs" list', KIND)
-    offset = 0
-    images: list[np.ndarray] = []
-    for i, tensor in enumerate(inputs):
-        batches, used = _tensor(tensor, f"inputs[{i}]", binary, offset, check, decode_image)
-        images.extend(batches)
-        offset += used
-    available = len(binary) if binary is not None else 0
-    if offset != available:
-        raise bad_request(
-            f"the binary section holds {available} bytes but the inputs' binary_data_size add up to {offset}", KIND
-        )
-    request_id = payload.get("id")
-    return V2Request(images, request_id if isinstance(request_id, str) else None, _binary_output(payload))
+    return [check_images(array.reshape(shape), where)], used
 
 
 def encode(embeddings: np.ndarray, model_name: str, request_id: Optional[str], binary: bool) -> tuple[bytes, dict[str, str]]:

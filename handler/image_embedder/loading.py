@@ -152,6 +152,40 @@ def load_weights(model: torch.nn.Module, path: str, options: UnwrapOptions = Unw
     return WeightsReport(found, casts, kept)
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: its definition file, the class or factory there and its kwargs, and
+    optionally its weights (their sha256, and how to find them inside a training checkpoint)."""
+
+    definition_file: str
+    class_name: str
+    state_dict_path: Optional[str] = None
+    init_kwargs: Optional[Mapping[str, Any]] = None
+    sha256: Optional[str] = None
+    unwrap: UnwrapOptions = UnwrapOptions()
+
+    @classmethod
+    def from_settings(cls, settings: Any, model_dir: str = ".") -> "ModelSource":
+        """The model an archive's EncoderSettings name, its files found in `model_dir`."""
+        weights = settings.model_state_dict_path
+        return cls(
+            definition_file=os.path.join(model_dir, settings.model_definition_file),
+            class_name=settings.model_class_name,
+            state_dict_path=os.path.join(model_dir, weights) if weights else None,
+            init_kwargs=settings.model_init_kwargs,
+            sha256=settings.sha256,
+            unwrap=UnwrapOptions.from_settings(settings),
+        )
+
+    def load(self, device: str = "cpu") -> torch.nn.Module:
+        """Import, build, load weights (finding them inside a checkpoint), move to `device`, eval mode."""
+        module = import_model_file(self.definition_file)
+        model = build_model(module, self.class_name, self.init_kwargs)
+        if self.state_dict_path is not None:
+            load_weights(model, self.state_dict_path, self.unwrap, device, self.sha256)
+        return model.to(device).eval()
+
+
 def load_model(
     definition_file: str,
     class_name: str,
@@ -162,9 +196,5 @@ def load_model(
     *,
     unwrap_options: UnwrapOptions = UnwrapOptions(),
 ) -> torch.nn.Module:
-    """Import, build, load weights (finding them inside a checkpoint), move to `device`, eval mode."""
-    module = import_model_file(definition_file)
-    model = build_model(module, class_name, init_kwargs)
-    if state_dict_path is not None:
-        load_weights(model, state_dict_path, unwrap_options, device, sha256)
-    return model.to(device).eval()
+    """ModelSource(...).load(device), for callers that hold the paths rather than settings."""
+    return ModelSource(definition_file, class_name, state_dict_path, init_kwargs, sha256, unwrap_options).load(device)

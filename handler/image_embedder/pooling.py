@@ -7,7 +7,8 @@
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 
@@ -50,16 +51,27 @@ def pool(features: torch.Tensor, method: str = "avg", channel_axis: int = 1, gem
     raise ValueError(f"unknown pooling {method!r}")
 
 
-def pool_layers(
-    outputs: Sequence[torch.Tensor],
-    method: str = "avg",
-    channel_axis: int = 1,
-    gem_p: float = 3.0,
-    normalize: bool = False,
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class Pooling:
+    """How tapped layers become one embedding: `method` with its `gem_p`, the feature maps' channel axis,
+    and whether the concatenation is L2-normalized."""
+
+    method: str = "avg"
+    channel_axis: int = 1
+    gem_p: float = 3.0
+    normalize: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "Pooling":
+        """The pooling an archive's EncoderSettings ask for."""
+        return cls(method=settings.pooling, channel_axis=settings.channel_axis, gem_p=settings.gem_p,
+                   normalize=settings.normalize)
+
+
+def pool_layers(outputs: Sequence[torch.Tensor], pooling: Pooling = Pooling()) -> torch.Tensor:
     """Pool each tapped layer, concatenate in order, and L2-normalize if asked."""
-    pooled = [pool(o, method, channel_axis, gem_p).float() for o in outputs]
+    pooled = [pool(o, pooling.method, pooling.channel_axis, pooling.gem_p).float() for o in outputs]
     out = pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)
-    if normalize:
+    if pooling.normalize:
         out = torch.nn.functional.normalize(out, p=2.0, dim=1)
     return out

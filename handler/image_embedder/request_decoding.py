@@ -1,5 +1,10 @@
 """One TorchServe request in, a checked batch of images out (or a RequestError for that request alone).
 
+The one way in is `decode_batch` (TorchServe's rows and each request's headers): it starts the
+batch's PNG/JPEG decoding in parallel, then `decode` picks each request's protocol once and hands
+its body to that protocol's decoder (here, or kserve_v2), which builds the images with the checks
+in decoded_request; nothing calls back up. A refusal comes back in its protocol's error form.
+
 Accepted bodies:
 - .npy bytes (application/x-npy or application/octet-stream): one image (C,H,W) or a batch (N,C,H,W);
 - JSON `{"data": nested list}`, KServe v1 `{"instances": [...]}`, KServe v2 `{"inputs": [...]}`, and
@@ -11,46 +16,87 @@ A form body (application/x-www-form-urlencoded, curl's default) is a 415 naming 
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import json
+import logging
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from dataclasses import replace
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from . import kserve_v2
+from .decoded_request import (
+    DecodedRequest, DecodeImage, Describe, base64_bytes, check_images, decode_image, images_unsupported, json_numbers,
+)
 from .errors import RequestError, bad_request
+from .image_decoding import ImageDecoder
 from .npy_codec import NPY_MAGIC, read_npy
+from .settings import EncoderSettings
 
-ALLOWED_DTYPES = (np.uint8, np.float16, np.float32, np.float64)
-ALLOWED_DTYPE_NAMES = ", ".join(np.dtype(d).name for d in ALLOWED_DTYPES)
+logger = logging.getLogger(__name__)
+
 NPY_CONTENT_TYPES = ("application/x-npy", "application/octet-stream", "application/npy")
 FORM_TYPE = "application/x-www-form-urlencoded"
 
-
-@dataclass
-class DecodedRequest:
-    """The images of one request, in request order (not grouped by shape), and how the client wants its answer."""
-
-    images: list[np.ndarray]
-    protocol: str = "data"  # data | npy | image | kserve_v1 | kserve_v2
-    request_id: Optional[str] = None  # KServe v2 `id`, echoed
-    binary_output: bool = False  # KServe v2: the embedding goes back as binary tensor data
-    accept: Optional[str] = None  # the request's Accept header (asks for .npy)
-
-    @property
-    def count(self) -> int:
-        return sum(len(a) for a in self.images)
+Decoded = Union[DecodedRequest, RequestError, Describe]
 
 
-@dataclass(frozen=True)
-class Describe:
-    """A request with the `describe: true` header: answered with what is served, no embedding."""
+def decode_batch(rows: Sequence[Optional[dict]], headers: Sequence[Mapping[str, Any]],
+                 image_decoder: Optional[ImageDecoder], settings: EncoderSettings) -> list[Decoded]:
+    """Each request of one TorchServe batch, decoded and checked on its own: its DecodedRequest, its
+    RequestError, or Describe. `headers[i]` are request i's headers, names lower-cased, with a multipart
+    part's own headers as a dict under the part's name (as TorchServe records them)."""
+    if image_decoder is not None:
+        image_decoder.prefetch(rows)  # this batch's PNG/JPEGs decode in parallel from here on
+    decoded: list[Decoded] = []
+    for idx, (row, request_headers) in enumerate(zip(rows, headers)):
+        try:
+            decoded.append(decode(row or {}, request_headers, image_decoder, settings))
+        except Exception as exc:  # a decoder bug must still cost only this request
+            logger.exception("decoding request %d failed", idx)
+            decoded.append(RequestError(500, "InternalError", f"decoding failed: {type(exc).__name__}: {exc}"))
+    return decoded
 
 
-DecodeImage = Callable[[Any, str], Optional[list[np.ndarray]]]
+def decode(row: dict, headers: Mapping[str, Any], image_decoder: Optional[DecodeImage],
+           settings: EncoderSettings) -> Decoded:
+    """One request: Describe for `describe: true`, else its images within the settings' limits, or the
+    refusal in its protocol's form."""
+    if str(headers.get("describe")).lower() == "true":
+        return Describe()
+    try:
+        request = _decode_row(row, headers, image_decoder)
+    except RequestError as exc:
+        return exc
+    try:
+        check_request_limits(request, settings.max_images_per_request, settings.max_batch_pixels)
+    except RequestError as exc:
+        return request.refusal(exc)
+    return replace(request, accept=_header_text(headers, "accept"))
+
+
+def _decode_row(row: dict, headers: Mapping[str, Any], image_decoder: Optional[DecodeImage]) -> DecodedRequest:
+    """multipart/form-data: TorchServe hands each part as its own key of `row`, with the part's
+    Content-Type in the request headers under the part's name; anything else is one body."""
+    request_type = _header_text(headers, "content-type") or ""
+    if request_type.lower().startswith("multipart/"):
+        parts = [(str(name), value, _part_type(headers, name)) for name, value in row.items()]
+        check_no_part_dropped(parts, headers.get("content-length"), request_type)
+        return decode_multipart(parts, image_decoder)
+    part_types = (_part_type(headers, name) for name in ("body", "data", *row.keys()))
+    content_type = next((t for t in part_types if t), request_type)  # the part's own type, when recorded
+    return decode_request(request_body(row), content_type, image_decoder, _header_text(headers, kserve_v2.HEADER_LENGTH))
+
+
+def _header_text(headers: Mapping[str, Any], name: str) -> Optional[str]:
+    value = headers.get(name)
+    return value if isinstance(value, str) else None
+
+
+def _part_type(headers: Mapping[str, Any], name: Any) -> str:
+    """The Content-Type TorchServe recorded for a part (under the part's name), else ""."""
+    part = headers.get(str(name).lower())
+    return (part.get("content-type") or "") if isinstance(part, dict) else ""
 
 
 def request_body(row: dict) -> Any:
@@ -63,64 +109,23 @@ def request_body(row: dict) -> Any:
     return None
 
 
-def check_images(array: np.ndarray, where: str = "input") -> np.ndarray:
-    """Bring one image (C,H,W) or a batch (N,C,H,W) to a batch, refusing what can't be an image batch."""
-    if array.dtype.type not in ALLOWED_DTYPES:
-        raise bad_request(
-            f"{where} has dtype {array.dtype}; supported dtypes: {ALLOWED_DTYPE_NAMES}", "UnsupportedDtype"
-        )
-    if array.ndim == 3:
-        array = array[None]
-    elif array.ndim != 4:
-        raise bad_request(
-            f"{where} has shape {tuple(array.shape)} ({array.ndim} dimensions); expected one image (C,H,W) "
-            "or a batch (N,C,H,W)",
-            "InvalidShape",
-        )
-    if 0 in array.shape:
-        raise bad_request(f"{where} has an empty dimension in shape {tuple(array.shape)}", "InvalidShape")
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise bad_request(f"{where} contains NaN or infinity", "NonFiniteValues")
-    return array
-
-
-def _json_array(data: Any, where: str, dtype: type = np.float32) -> np.ndarray:
-    if isinstance(data, (str, bytes, dict)) or data is None:
-        raise bad_request(f"{where} must be a nested list of numbers, got {type(data).__name__}", "InvalidJson")
-    try:
-        with np.errstate(over="ignore"):
-            array = np.asarray(data, dtype=dtype)
-    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
-        raise bad_request(f"{where} is not a rectangular nested list of numbers: {exc}", "InvalidJson") from exc
-    return array
-
-
-def _from_kserve_v2(payload: Any, binary: Any, image_decoder: Optional[DecodeImage]) -> DecodedRequest:
-    decode_image = None
-    if image_decoder is not None:
-        def decode_image(data: bytes, where: str) -> list[np.ndarray]:
-            return _decode_image_part(data, "", where, image_decoder)
-    request = kserve_v2.decode(payload, binary, check_images, decode_image)
-    return DecodedRequest(request.images, "kserve_v2", request.request_id, binary_output=request.binary_output)
-
-
 def decode_json(payload: Any, image_decoder: Optional[DecodeImage] = None) -> DecodedRequest:
     """A decoded JSON body: arrays in one of the three accepted forms, or base64 `images`."""
     if isinstance(payload, dict):
         if "images" in payload:
             return decode_base64_images(payload["images"], image_decoder)
         if "inputs" in payload:
-            return _from_kserve_v2(payload, None, image_decoder)
+            return kserve_v2.decode(payload, None, image_decoder)
         if "instances" in payload:
-            return DecodedRequest([check_images(_json_array(payload["instances"], "instances"), "instances")], "kserve_v1")
+            return DecodedRequest([check_images(json_numbers(payload["instances"], "instances"), "instances")], "kserve_v1")
         if "data" in payload:
-            return DecodedRequest([check_images(_json_array(payload["data"], "data"), "data")], "data")
+            return DecodedRequest([check_images(json_numbers(payload["data"], "data"), "data")], "data")
         raise bad_request(
             f'JSON body has keys {sorted(payload)[:10]}; expected "data", "instances" (KServe v1) or "inputs" (KServe v2)',
             "InvalidJson",
         )
     if isinstance(payload, list):
-        return DecodedRequest([check_images(_json_array(payload, "body"), "body")], "data")
+        return DecodedRequest([check_images(json_numbers(payload, "body"), "body")], "data")
     raise bad_request(f"JSON body must be an object, got {type(payload).__name__}", "InvalidJson")
 
 
@@ -151,14 +156,7 @@ def decode_request(
             "image/png, image/jpeg",
         )
     if header_length is not None:
-        if isinstance(body, (dict, list)):  # TorchServe parsed a JSON-only body: no binary section
-            return _from_kserve_v2(body, memoryview(b""), image_decoder)
-        if isinstance(body, str):
-            body = body.encode("utf-8")
-        if not isinstance(body, (bytes, bytearray)):
-            raise bad_request(f"unsupported body of type {type(body).__name__}", "InvalidBody")
-        header, binary = kserve_v2.split_body(body, header_length)
-        return _from_kserve_v2(header, binary, image_decoder)
+        return kserve_v2.decode_body(body, header_length, image_decoder)
     if body is None or (isinstance(body, (bytes, bytearray, str)) and len(body) == 0):
         raise bad_request("request body is empty; send .npy bytes or a JSON body", "EmptyBody")
     if isinstance(body, (dict, list)):
@@ -185,14 +183,10 @@ def decode_request(
     )
 
 
-def _no_image_decoder() -> RequestError:
-    return RequestError(415, "ImagesUnsupported", "this server does not decode images; send .npy or JSON arrays")
-
-
 def decode_base64_images(items: Any, image_decoder: Optional[DecodeImage]) -> DecodedRequest:
     """`{"images": ["<base64 PNG/JPEG>", ...]}` (a data: URL prefix is allowed): one image each, in order."""
     if image_decoder is None:
-        raise _no_image_decoder()
+        raise images_unsupported()
     if isinstance(items, str):
         items = [items]
     if not isinstance(items, list) or not items:
@@ -202,24 +196,8 @@ def decode_base64_images(items: Any, image_decoder: Optional[DecodeImage]) -> De
         where = f"images[{i}]"
         if not isinstance(item, str):
             raise bad_request(f"{where} must be a base64 string, got {type(item).__name__}", "InvalidJson")
-        if item.startswith("data:") and "," in item:  # data:image/png;base64,....
-            item = item.split(",", 1)[1]
-        try:
-            data = base64.b64decode(item, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise bad_request(f"{where} is not valid base64: {exc}", "InvalidBase64") from exc
-        images.extend(_decode_image_part(data, "", where, image_decoder))
+        images.extend(decode_image(base64_bytes(item, where), "", where, image_decoder))
     return DecodedRequest(images, "image")
-
-
-def _decode_image_part(data: Any, content_type: str, where: str, image_decoder: DecodeImage) -> list[np.ndarray]:
-    try:
-        decoded = image_decoder(data, content_type) if len(data) else None
-    except RequestError as exc:
-        raise RequestError(exc.status, exc.kind, f"{where}: {exc.message}") from exc
-    if decoded is None:
-        raise bad_request(f"{where} ({len(data)} bytes) is not a PNG or JPEG image", "InvalidImage")
-    return [check_images(a, where) for a in decoded]
 
 
 def decode_multipart(parts: list[tuple[str, Any, str]], image_decoder: Optional[DecodeImage]) -> DecodedRequest:
@@ -236,10 +214,8 @@ def decode_multipart(parts: list[tuple[str, Any, str]], image_decoder: Optional[
             raise bad_request(f"{where} is empty or not a file; send one PNG, JPEG or .npy file per part", "InvalidPart")
         if bytes(value[:6]) == NPY_MAGIC:
             images.append(check_images(read_npy(value), where))
-        elif image_decoder is None:
-            raise _no_image_decoder()
         else:
-            images.extend(_decode_image_part(value, content_type, where, image_decoder))
+            images.extend(decode_image(value, content_type, where, image_decoder))
     return DecodedRequest(images, "image")
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterable, Optional, Union
 
 import numpy as np
 
 from . import kserve_v2
+from .decoded_request import DecodedRequest, Describe
+from .errors import RequestError
 from .npy_codec import write_npy
-from .request_decoding import DecodedRequest
 
 JSON_TYPE = "application/json"
 NPY_TYPE = "application/x-npy"
@@ -24,6 +25,17 @@ class EncodedResponse:
     body: bytes
     content_type: str
     headers: dict[str, str] = field(default_factory=dict)
+
+
+class BatchResults(list):
+    """One batch's results, request by request: embeddings (N, D), a RequestError in its protocol's form,
+    or Describe. `requests` holds what each answers (its DecodedRequest, else its refusal or Describe):
+    the protocol and Accept header its embeddings are encoded for."""
+
+    def __init__(self, results: Iterable[Union[np.ndarray, RequestError, Describe]],
+                 requests: Iterable[Union[DecodedRequest, RequestError, Describe]]) -> None:
+        super().__init__(results)
+        self.requests = list(requests)
 
 
 def wants_npy(accept: Optional[str]) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from .errors import ConfigError
 
@@ -96,57 +96,8 @@ class EncoderSettings:
         return settings
 
     def _validate(self) -> None:
-        if self.pooling not in POOLINGS:
-            raise ConfigError(f"pooling {self.pooling!r} is not one of {', '.join(POOLINGS)}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.color_mode not in COLOR_MODES:
-            raise ConfigError(f"color_mode {self.color_mode!r} is not one of {', '.join(COLOR_MODES)}")
-        if not isinstance(self.model_init_kwargs, Mapping):
-            raise ConfigError(
-                f"model_init_kwargs must be a mapping, got {type(self.model_init_kwargs).__name__}"
-            )
-        names = self.layer_names if isinstance(self.layer_name, (str, list, tuple)) else ()
-        if not names or not all(isinstance(n, str) and n for n in names):
-            raise ConfigError(f"layer_name must be a non-empty string or list of strings, got {self.layer_name!r}")
-        for name in ("max_images_per_request", "max_batch_pixels"):
-            _positive_int(name, getattr(self, name))
-        for name in ("default_batch_size", "num_threads", "resize", "center_crop", "decode_threads", "max_image_pixels"):
-            if getattr(self, name) is not None:
-                _positive_int(name, getattr(self, name))
-        if isinstance(self.gem_p, bool) or not isinstance(self.gem_p, (int, float)) or self.gem_p <= 0:
-            raise ConfigError(f"gem_p must be a positive number, got {self.gem_p!r}")
-        if isinstance(self.channel_axis, bool) or not isinstance(self.channel_axis, int):
-            raise ConfigError(f"channel_axis must be an integer (1 or -1), got {self.channel_axis!r}")
-        if self.scale is not None and (isinstance(self.scale, bool) or not isinstance(self.scale, (int, float))):
-            raise ConfigError(f"scale must be a number, got {self.scale!r}")
-        for name in ("mean", "std"):
-            value = getattr(self, name)
-            if value is not None:
-                if not isinstance(value, (list, tuple)) or not value or not all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-                ):
-                    raise ConfigError(f"{name} must be a non-empty list of numbers, got {value!r}")
-        if self.std is not None and any(v == 0 for v in self.std):
-            raise ConfigError(f"std must not contain 0, got {list(self.std)!r}")
-        if self.input_shape is not None:
-            if not isinstance(self.input_shape, (list, tuple)) or not self.input_shape:
-                raise ConfigError(f"input_shape must be a list of positive integers, got {self.input_shape!r}")
-            for dim in self.input_shape:
-                _positive_int("input_shape entries", dim)
-        for name in ("normalize", "early_exit", "channels_last", "compile", "jpeg_draft", "exact_resize"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("checkpoint_key", "strip_prefix"):  # where the weights sit in a checkpoint
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
-        for name in ("checkpoint_detect", "keep_weights_dtype"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.sha256 is not None:
-            digest = str(self.sha256).lower()
-            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-                raise ConfigError(f"sha256 must be 64 hex digits, got {self.sha256!r}")
+        for name, check in CHECKS.items():  # in the table's order: the first wrong setting is the one reported
+            check(name, getattr(self, name))
 
     def as_dict(self) -> dict[str, Any]:
         """Plain mapping of every setting, for YAML and describe answers."""
@@ -158,6 +109,131 @@ class EncoderSettings:
         return out
 
 
+Check = Callable[[str, Any], None]  # (setting name, value) -> None, or a ConfigError saying what is wrong
+
+
+def _anything(name: str, value: Any) -> None:
+    """Checked where it is used (a missing model file or class fails the load there)."""
+
+
+def _one_of(choices: Sequence[str]) -> Check:
+    def one_of(name: str, value: Any) -> None:
+        if value not in choices:
+            raise ConfigError(f"{name} {value!r} is not one of {', '.join(choices)}")
+    return one_of
+
+
+def _optional(check: Check) -> Check:
+    def optional(name: str, value: Any) -> None:
+        if value is not None:
+            check(name, value)
+    return optional
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _positive_number(name: str, value: Any) -> None:
+    if not _is_number(value) or value <= 0:
+        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+
+def _number(name: str, value: Any) -> None:
+    if not _is_number(value):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+
+
+def _axis(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer (1 or -1), got {value!r}")
+
+
+def _boolean(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+def _string(name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+
+
+def _mapping(name: str, value: Any) -> None:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{name} must be a mapping, got {type(value).__name__}")
+
+
+def _numbers(name: str, value: Any) -> None:
+    if not isinstance(value, (list, tuple)) or not value or not all(_is_number(v) for v in value):
+        raise ConfigError(f"{name} must be a non-empty list of numbers, got {value!r}")
+
+
+def _divisors(name: str, value: Any) -> None:
+    _numbers(name, value)
+    if any(v == 0 for v in value):
+        raise ConfigError(f"{name} must not contain 0, got {list(value)!r}")
+
+
+def _layer_names(name: str, value: Any) -> None:
+    names = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else ()
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"{name} must be a non-empty string or list of strings, got {value!r}")
+
+
+def _shape(name: str, value: Any) -> None:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"{name} must be a list of positive integers, got {value!r}")
+    for dim in value:
+        _positive_int(f"{name} entries", dim)
+
+
+def _sha256(name: str, value: Any) -> None:
+    digest = str(value).lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ConfigError(f"{name} must be 64 hex digits, got {value!r}")
+
+
+# Each setting's kind, checked in this order by EncoderSettings._validate; every field has one
+# (test_settings checks).
+CHECKS: dict[str, Check] = {
+    "model_definition_file": _anything,  # required: from_mapping refuses it missing
+    "model_class_name": _anything,  # required, as above
+    "model_state_dict_path": _anything,
+    "model_init_kwargs": _mapping,
+    "layer_name": _layer_names,
+    "pooling": _one_of(POOLINGS),
+    "dtype": _one_of(DTYPES),
+    "color_mode": _one_of(COLOR_MODES),
+    "max_images_per_request": _positive_int,
+    "max_batch_pixels": _positive_int,
+    "default_batch_size": _optional(_positive_int),
+    "num_threads": _optional(_positive_int),
+    "resize": _optional(_positive_int),
+    "center_crop": _optional(_positive_int),
+    "decode_threads": _optional(_positive_int),
+    "max_image_pixels": _optional(_positive_int),
+    "gem_p": _positive_number,
+    "channel_axis": _axis,
+    "device": _anything,
+    "scale": _optional(_number),
+    "mean": _optional(_numbers),
+    "std": _optional(_divisors),
+    "input_shape": _optional(_shape),
+    "normalize": _boolean,
+    "early_exit": _boolean,
+    "channels_last": _boolean,
+    "compile": _boolean,
+    "jpeg_draft": _boolean,
+    "exact_resize": _boolean,
+    "checkpoint_key": _optional(_string),  # where the weights sit in a checkpoint
+    "strip_prefix": _optional(_string),
+    "checkpoint_detect": _boolean,
+    "keep_weights_dtype": _boolean,
+    "sha256": _optional(_sha256),
+}
