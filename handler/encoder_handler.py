@@ -75,6 +75,8 @@ class EmbeddingHandler(BaseHandler):
         if self.cores is not None:
             self.encoder.before_pass = self.cores.refresh
         self.image_decoder = ImageDecoder.from_settings(settings)
+        if self.cores is not None:  # decoding shares the same cores: as many at once as torch threads
+            self.image_decoder.budget = torch.get_num_threads
         self.decodes_images = importlib.util.find_spec("PIL") is not None  # else images get 415
         self.model_name = context.model_name
         self.initialized = True

@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -81,10 +81,8 @@ def center_crop(array: np.ndarray, size: int) -> np.ndarray:
 
 
 def default_decode_threads() -> int:
-    """One decoding thread per core this process may use, not the worker's share of them: the pool
-    is busy only while a batch's images decode, when the other workers' threads mostly wait on
-    their own forward or on the frontend, and one multipart request of many photos then uses every
-    core (measured 1.83x on 2 cores, docs/performance.md). `decode_threads` sets it."""
+    """At most one decoding thread per core this process may use (`decode_threads` sets it); how
+    many decode at once is the worker's share of the cores at that batch (see `budget`)."""
     return available_cores()
 
 
@@ -95,7 +93,8 @@ class ImageDecoder:
     Its options are plain data (`from_settings` reads them from the archive's settings): `mode` the
     Pillow mode images become, `resize` the shorter side, `crop` the centered square; `max_pixels`
     None means Pillow's own Image.MAX_IMAGE_PIXELS; `threads` sizes the pool that `prefetch` uses
-    (1: everything in the caller's thread); `jpeg_draft` allows DCT scaling; `exact_resize` False
+    (1: everything in the caller's thread), and `budget`, when set, caps how many of them decode at
+    once (the worker's share of the cores now, as for its torch threads); `jpeg_draft` allows DCT scaling; `exact_resize` False
     resizes only the window the crop keeps (same sampling positions, but float rounding moves a few
     pixels by one grey level: docs/performance.md).
     """
@@ -107,6 +106,7 @@ class ImageDecoder:
     threads: int = 1
     jpeg_draft: bool = False
     exact_resize: bool = True
+    budget: Optional[Callable[[], int]] = field(default=None, repr=False)
     _pool: Optional[ThreadPoolExecutor] = field(default=None, init=False, repr=False)
     # id(body) -> (body, its decode), for the batch `prefetch` started
     _pending: dict[int, tuple[Any, Future]] = field(default_factory=dict, init=False, repr=False)
@@ -149,11 +149,23 @@ class ImageDecoder:
         self._pending = {}
         bodies = [v for row in rows if isinstance(row, dict) for v in row.values()
                   if isinstance(v, (bytes, bytearray)) and sniff_format(v) is not None]
-        if self.threads < 2 or len(bodies) < 2:
+        width = min(self.threads, self.budget() if self.budget else self.threads, len(bodies))
+        if width < 2:
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="image-decode")
-        self._pending = {id(b): (b, self._pool.submit(self.decode, b)) for b in bodies}
+        self._pending = {id(b): (b, Future()) for b in bodies}
+        for lane in range(width):  # `width` threads at once, each decoding every width-th image
+            self._pool.submit(self._decode_into, [self._pending[id(b)][1] for b in bodies[lane::width]],
+                              bodies[lane::width])
+
+    def _decode_into(self, futures: list[Future], bodies: list) -> None:
+        for future, body in zip(futures, bodies):
+            if future.set_running_or_notify_cancel():  # False: the batch moved on and cancelled it
+                try:
+                    future.set_result(self.decode(body))
+                except BaseException as exc:  # handed to the request that reads it
+                    future.set_exception(exc)
 
     def decode(self, data: bytes | bytearray, where: str = "image") -> np.ndarray:
         """One encoded image -> prepared uint8 (1, C, H, W); a RequestError names what is wrong."""
