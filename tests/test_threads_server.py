@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from image_embedder.tools.ts_server import TorchServe
+from image_embedder_testkit.ts_server import TorchServe
 
 pytestmark = pytest.mark.server
 
