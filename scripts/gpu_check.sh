@@ -12,7 +12,8 @@
 #        (a dry run of the script itself on a CPU machine: the cuda tests skip, the bench runs on the CPU)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD/handler${PYTHONPATH:+:$PYTHONPATH}"  # the engine, without `pip install -e .`
+# the engine, the bench and the testkit, without `pip install -e .`
+export PYTHONPATH="$PWD/handler:$PWD/tools:$PWD/bench:$PWD/testkit${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-}"

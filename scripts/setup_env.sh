@@ -17,10 +17,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.requirements.sha
-want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt pyproject.toml client/pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q -r requirements.txt >&2
-  # This project itself (engine, client, tools, the image-embedder command), editable, with the
+  # This project itself (engine, client, tools, bench, testkit, the image-embedder command), editable, with the
   # versions pinned above: nothing else is resolved or downloaded.
   .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . >&2
   echo "$want" > "$stamp"

@@ -15,8 +15,8 @@ import sys
 
 import pytest
 
-from conftest import java_available
-from image_embedder.tools.paths import REPO
+from image_embedder_testkit.checkout import REPO
+from image_embedder_testkit.ts_server import java_available
 
 pytestmark = pytest.mark.server
 

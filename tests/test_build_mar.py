@@ -12,9 +12,8 @@ import pytest
 import torch
 import yaml
 
-from image_embedder.tools.build import main
-from conftest import MODELS_DIR
-from image_embedder.tools.paths import REPO
+from image_embedder_testkit.checkout import REPO, TEST_MODELS
+from image_embedder_tools.build import main
 
 SCRIPT = os.path.join(REPO, "scripts", "build_mar.py")
 ALLOWED_THIRD_PARTY = {"torch", "numpy", "yaml", "ts", "image_embedder"}
@@ -25,7 +24,7 @@ def user_files(tmp_path_factory):
     """NestedNet with weights, the sibling-importing model, and a user's own model-config.yaml."""
     folder = tmp_path_factory.mktemp("user")
     for name in ("nested_net.py", "sibling_user.py", "sibling_parts_xq7.py"):
-        shutil.copy(os.path.join(MODELS_DIR, name), folder / name)
+        shutil.copy(os.path.join(TEST_MODELS, name), folder / name)
     subprocess.run([sys.executable, str(folder / "nested_net.py"), str(folder / "nested.pth")], check=True)
     config = folder / "my-config.yaml"
     config.write_text(yaml.safe_dump({
@@ -84,7 +83,7 @@ def test_a_plain_state_dict_is_packed_as_it_is_without_warning(user_files, tmp_p
 
 
 def test_build_archive_takes_one_spec(user_files, tmp_path):
-    from image_embedder.tools.build import ArchiveSpec, build_archive
+    from image_embedder_tools.build import ArchiveSpec, build_archive
 
     spec = ArchiveSpec(str(user_files / "nested_net.py"), "NestedNet", str(user_files / "nested.pth"), "features.0",
                        pooling="max", name="spec", export_path=str(tmp_path), settings={"normalize": True})
@@ -152,7 +151,7 @@ def test_archive_needs_only_torch_numpy_and_yaml(user_files, tmp_path):
 
 
 def test_factory_with_kwargs_and_sibling_file(user_files, tmp_path, capsys):
-    rc = main(["--model-file", str(os.path.join(MODELS_DIR, "factory_net.py")), "--model-class", "make_net",
+    rc = main(["--model-file", str(os.path.join(TEST_MODELS, "factory_net.py")), "--model-class", "make_net",
                "--layer", "features.2", "--model-kwargs", '{"channels": 5, "depth": 2}',
                "--input-shape", "3,9,9", "--name", "factory", "--export-path", str(tmp_path)])
     err = capsys.readouterr().err

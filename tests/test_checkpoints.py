@@ -1,6 +1,6 @@
 """The checkpoints training code really writes (issue 11): one archive per kind of file, built with
 scripts/build_mar.py, its SERVED embeddings (TorchServe's Service.predict in process, and one real
-TorchServe) checked against tests/reference.py run on the original model; refusals with their
+TorchServe) checked against image_embedder_testkit.reference run on the original model; refusals with their
 messages; the archive's size with and without optimizer state."""
 from __future__ import annotations
 
@@ -19,16 +19,17 @@ import requests
 import torch
 import yaml
 
-from image_embedder.tools.build import main
-from conftest import MODELS_DIR, java_available, npy_bytes
 from image_embedder.checkpoints import UnwrapOptions, unwrap
 from image_embedder.errors import ConfigError
 from image_embedder.loading import load_model
-from image_embedder.tools.reference import load_reference_model, reference_embeddings
-from ts_inprocess import InProcessModel, Request
-from image_embedder.tools.ts_server import TorchServe
+from image_embedder_testkit.bodies import npy_bytes
+from image_embedder_testkit.checkout import TEST_MODELS
+from image_embedder_testkit.reference import load_reference_model, reference_embeddings
+from image_embedder_testkit.ts_inprocess import InProcessModel, Request
+from image_embedder_testkit.ts_server import TorchServe, java_available
+from image_embedder_tools.build import main
 
-MODEL_FILE = os.path.join(MODELS_DIR, "nested_net.py")
+MODEL_FILE = os.path.join(TEST_MODELS, "nested_net.py")
 KWARGS = {"width": 24}
 LAYER = "layer3.1.conv2"
 IMAGES = np.random.default_rng(11).standard_normal((3, 3, 16, 16)).astype(np.float32)

@@ -1,5 +1,5 @@
-"""image_embedder.client: inputs it takes, what it retries (against a scripted server), and a real
-TorchServe: every input kind against tests/reference.py, describe(), and a stream through a killed
+"""image_embedder_client: inputs it takes, what it retries (against a scripted server), and a real
+TorchServe: every input kind against image_embedder_testkit.reference, describe(), and a stream through a killed
 worker and a scale-down with nothing lost and nothing wrong."""
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import io
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,22 +19,13 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import private_example_server, scripted_embeddings, scripted_reply
-from image_embedder.client import EmbeddingClient, EmbeddingError, TokenError, encode_batch, flatten_images
-from image_embedder.tools.load_test import kill_worker, scale, wait_for_replacement, workers
-from image_embedder.tools.reference import reference_embeddings
-from image_embedder.tools.paths import REPO
+from image_embedder_bench.load_test import kill_worker, scale, wait_for_replacement, workers
+from image_embedder_client import EmbeddingClient, EmbeddingError, TokenError, encode_batch, flatten_images
+from image_embedder_testkit.example_server import private_example_server
+from image_embedder_testkit.reference import reference_embeddings
+from image_embedder_testkit.scripted import scripted_embeddings, scripted_reply
 
 WORKER_DIED = b'{"code": 500, "type": "InternalServerException", "message": "Worker died."}'
-
-
-def test_imports_without_torch_or_torchserve():
-    """The client runs where only numpy and requests are installed."""
-    code = ("import sys\nfor name in ('torch', 'ts', 'PIL'):\n    sys.modules[name] = None\n"
-            "from image_embedder.client import EmbeddingClient\nprint('ok')")
-    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.join(REPO, "handler"), capture_output=True,
-                         text=True, timeout=60)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 def test_inputs_flatten_to_one_entry_per_image(tmp_path):

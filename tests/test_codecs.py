@@ -7,11 +7,11 @@ from dataclasses import astuple
 import numpy as np
 import pytest
 
-from conftest import npy_bytes
 from image_embedder.errors import RequestError
 from image_embedder.npy_codec import read_npy, write_npy
 from image_embedder.request_decoding import DecodedRequest, decode_request, request_body
 from image_embedder.response_encoding import JSON_TYPE, NPY_TYPE, encode_response, wants_npy
+from image_embedder_testkit.bodies import npy_bytes
 
 RNG = np.random.default_rng(3)
 IMAGE = RNG.random((3, 4, 5), dtype=np.float32)

@@ -19,7 +19,7 @@ import torch
 from image_embedder.encoder import ImageEncoder, resolve_device
 from image_embedder.errors import RequestError
 from image_embedder.settings import EncoderSettings
-from image_embedder.tools.reference import load_reference_model, reference_embeddings
+from image_embedder_testkit.reference import load_reference_model, reference_embeddings
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -10,7 +10,7 @@ import re
 import pytest
 import yaml
 
-from image_embedder.tools.paths import REPO
+from image_embedder_testkit.checkout import REPO
 
 IMAGES = {"deploy/Dockerfile": "deploy/k8s/deployment-cpu.yaml", "deploy/Dockerfile.cuda": "deploy/k8s/deployment-gpu.yaml"}
 

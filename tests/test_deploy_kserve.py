@@ -1,9 +1,9 @@
 """The KServe storage layout served exactly as KServe's kserve-torchserve runtime starts it
-(tests/kserve_server.py), driven the way KServe's wrapper drives it: KServe v1 and v2 JSON bodies on
+(image_embedder_testkit.kserve_server), driven the way KServe's wrapper drives it: KServe v1 and v2 JSON bodies on
 /predictions/encoder (what the wrapper forwards to), on TorchServe's own /v1 and /v2 routes, and
 with tritonclient; many concurrent clients against one worker (batchSize 16, maxBatchDelay 100 ms),
 so TorchServe batches them (by hand: RequestsPerBatch reached 16 for 24 clients); every answer
-compared with tests/reference.py. Also what does not work: the serviceEnvelope label set (TorchServe's
+compared with image_embedder_testkit.reference. Also what does not work: the serviceEnvelope label set (TorchServe's
 kserve/kservev2 envelopes) fails every request."""
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import requests
 import torch
 import yaml
 
-from kserve_server import KServeLayoutServer
-from image_embedder.tools.reference import reference_embeddings
-from image_embedder.tools.paths import REPO
+from image_embedder_testkit.checkout import REPO
+from image_embedder_testkit.kserve_server import KServeLayoutServer
+from image_embedder_testkit.reference import reference_embeddings
 
 pytestmark = pytest.mark.server
 ROUTES = ("/predictions/encoder", "/v1/models/encoder:predict", "/v2/models/encoder/infer")

@@ -22,9 +22,8 @@ import numpy as np
 import pytest
 import requests
 
-from image_embedder.tools.reference import reference_embeddings
-from image_embedder.tools.ts_server import free_ports
-
+from image_embedder_testkit.reference import reference_embeddings
+from image_embedder_testkit.ts_server import free_ports
 from test_deploy_kserve import conv1_model, embeddings_from, kserve_server, layout, v1_body, v2_body  # noqa: F401
 
 pytestmark = [pytest.mark.server, pytest.mark.skipif(

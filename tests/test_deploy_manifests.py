@@ -24,7 +24,7 @@ import pytest
 import referencing
 import yaml
 
-from image_embedder.tools.paths import REPO
+from image_embedder_testkit.checkout import REPO
 
 K8S_VERSION = "1.37.0"
 DEPLOY = os.path.join(REPO, "deploy")

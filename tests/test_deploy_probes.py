@@ -13,8 +13,8 @@ import pytest
 import requests
 import yaml
 
-from image_embedder.tools.paths import REPO
-from image_embedder.tools.ts_server import TorchServe
+from image_embedder_testkit.checkout import REPO
+from image_embedder_testkit.ts_server import TorchServe
 
 pytestmark = pytest.mark.server
 K8S = os.path.join(REPO, "deploy", "k8s")

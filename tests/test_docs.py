@@ -40,7 +40,6 @@ PORTS = {"8080": 0, "8081": 1, "8082": 2}  # index into the free ports
 GRPC_PORTS = {"grpc_inference_port": 3, "grpc_management_port": 4}
 RUN_TIMEOUT = 300  # seconds for the whole session; the docs aim at well under 120
 BARE_INTERPRETER = re.compile(r"(?:^|(?<!-m)[\s;&|(`$])(python3?|pip3?|torchserve)(?=\s|$)", re.M)
-CLIENT_MODULE = re.compile(r"\bimage_embedder\.client\b")
 
 
 @dataclass(frozen=True)
@@ -223,11 +222,6 @@ def scratch_copy(dest: str, ports: list[str]) -> None:
         f.write(text)
 
 
-def client_is_shipped() -> bool:
-    """The Python client is written on another branch; until it is part of the tree its blocks wait."""
-    return any(re.search(r"(^|/)image_embedder/client(\.py|/)", rel) for rel in tree_files())
-
-
 SESSION_PREAMBLE = """set -euo pipefail
 # An HTTP error fails the command, unless it asks for the status itself (-w / --write-out).
 curl() {
@@ -323,11 +317,6 @@ def test_a_failing_block_is_reported_with_its_file_number_text_and_output(tmp_pa
 @pytest.mark.server
 def test_every_runnable_block_runs_in_order(tmp_path):
     blocks = [b for b in all_blocks() if b.runnable]
-    if not client_is_shipped():
-        skipped = [b for b in blocks if CLIENT_MODULE.search(b.text)]
-        for b in skipped:
-            print(f"not run until image_embedder.client is in the tree: {b.where()}")
-        blocks = [b for b in blocks if b not in skipped]
     scratch = tmp_path / "repo"
     scratch.mkdir()
     ports = free_ports(5)

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import scripted_embeddings, scripted_reply
-from image_embedder.client import EmbeddingClient
-from image_embedder.tools import embed
-from image_embedder.tools.paths import REPO
-from image_embedder.tools.reference import load_reference_model, reference_embeddings
+from image_embedder_client import EmbeddingClient
+from image_embedder_testkit.checkout import REPO
+from image_embedder_testkit.reference import load_reference_model, reference_embeddings
+from image_embedder_testkit.scripted import scripted_embeddings, scripted_reply
+from image_embedder_tools import embed
 
 SCRIPT = os.path.join(REPO, "scripts", "embed.py")
 
@@ -58,7 +58,7 @@ def test_folder_of_images_and_npy_in_order(feature_torchserve, tmp_path, example
     assert got.shape == (7, 10) and got.dtype == np.float32
     assert not (tmp_path / "out" / "checkpoint").exists()
     # .npy arrays get the archive's scale/mean/std (no resize/crop: they are already 224x224)
-    from feature_server import IMAGE_SETTINGS
+    from image_embedder_testkit.feature_server import IMAGE_SETTINGS
     normalized = (arrays / 255.0 - np.array(IMAGE_SETTINGS["mean"])[:, None, None]) / np.array(IMAGE_SETTINGS["std"])[:, None, None]
     np.testing.assert_allclose(got[3:5], reference_embeddings(example_model, "conv1", normalized.astype(np.float32)),
                                atol=1e-5)

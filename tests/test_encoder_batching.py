@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MODELS_DIR
 from image_embedder.encoder import ImageEncoder
 from image_embedder.errors import RequestError
 from image_embedder.settings import EncoderSettings
-from image_embedder.tools.reference import load_reference_model, reference_embeddings
+from image_embedder_testkit.checkout import TEST_MODELS
+from image_embedder_testkit.reference import load_reference_model, reference_embeddings
 
 LAYER = "layer3.1.conv2"
 
@@ -21,7 +21,7 @@ LAYER = "layer3.1.conv2"
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("nested")
-    shutil.copy(os.path.join(MODELS_DIR, "nested_net.py"), folder / "nested_net.py")
+    shutil.copy(os.path.join(TEST_MODELS, "nested_net.py"), folder / "nested_net.py")
     subprocess.run([sys.executable, str(folder / "nested_net.py"), str(folder / "w.pth")], check=True)
     return folder
 

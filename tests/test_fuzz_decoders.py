@@ -21,13 +21,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import npy_bytes
 from image_embedder.decoded_request import ALLOWED_DTYPES
 from image_embedder.errors import RequestError
 from image_embedder.npy_codec import NPY_MAGIC, read_npy
 from image_embedder.request_decoding import DecodedRequest, check_request_limits, decode_request
-from image_embedder.tools.reference import reference_embeddings
-from ts_inprocess import Request
+from image_embedder_testkit.bodies import npy_bytes
+from image_embedder_testkit.reference import reference_embeddings
+from image_embedder_testkit.ts_inprocess import Request
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CONTENT_TYPES = ["", "application/x-npy", "application/octet-stream", "application/json", "text/plain",

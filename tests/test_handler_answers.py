@@ -1,7 +1,7 @@
 """What the server says, in process (TorchServe's own Service.predict): KServe v2 binary in and out with the
 Inference-Header-Content-Length response header, describe before and after the first pass, 415 for form
 bodies, repeated multipart part names, the HWC hint, TorchServe's own `profile` key under `handler:`.
-Embeddings are checked against tests/reference.py."""
+Embeddings are checked against image_embedder_testkit.reference."""
 from __future__ import annotations
 
 import io
@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from image_embedder.tools.build import ArchiveSpec, build_archive
-from conftest import npy_bytes
-from image_embedder.tools.reference import reference_embeddings
-from ts_inprocess import InProcessModel, Request, parse_predict_response
+from image_embedder_testkit.bodies import npy_bytes
+from image_embedder_testkit.reference import reference_embeddings
+from image_embedder_testkit.ts_inprocess import InProcessModel, Request, parse_predict_response
+from image_embedder_tools.build import ArchiveSpec, build_archive
 
 SETTINGS = {"profile": True, "resize": 20, "center_crop": 16, "scale": 0.5, "mean": [0.1, 0.2, 0.3],
             "std": [2.0, 2.0, 2.0]}

@@ -1,5 +1,5 @@
 """The handler inside TorchServe's own Service.predict: per-request status codes, content types and
-bodies, embeddings checked against tests/reference.py, for the example and small archives of
+bodies, embeddings checked against image_embedder_testkit.reference, for the example and small archives of
 nested layers, every pooling, 2-D and token outputs, a factory with kwargs and a sibling import."""
 import io
 import json
@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from image_embedder.tools.build import ArchiveSpec, build_archive
-from conftest import MODELS_DIR, npy_bytes
-from image_embedder.tools.reference import load_reference_model, reference_embeddings
-from ts_inprocess import InProcessModel, Request
+from image_embedder_testkit.bodies import npy_bytes
+from image_embedder_testkit.checkout import TEST_MODELS
+from image_embedder_testkit.reference import load_reference_model, reference_embeddings
+from image_embedder_testkit.ts_inprocess import InProcessModel, Request
+from image_embedder_tools.build import ArchiveSpec, build_archive
 
 SIZE = 16  # every test image is (3, 16, 16) unless it says otherwise
 # name: model file, class, kwargs, layer, pooling, extra build flags
@@ -52,7 +53,7 @@ def served(tmp_path_factory):
     folder = tmp_path_factory.mktemp("user_models")
     store = tmp_path_factory.mktemp("inprocess_store")
     for name in ("nested_net.py", "token_net.py", "factory_net.py", "sibling_user.py", "sibling_parts_xq7.py"):
-        shutil.copy(os.path.join(MODELS_DIR, name), folder / name)
+        shutil.copy(os.path.join(TEST_MODELS, name), folder / name)
     out = {}
     for i, (name, (model_file, cls, kwargs, layer, pooling, extra)) in enumerate(ARCHIVES.items()):
         path = str(folder / model_file)

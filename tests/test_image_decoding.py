@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from feature_server import IMAGE_SETTINGS
-from conftest import encoded_image
 from image_embedder.errors import RequestError
 from image_embedder.image_decoding import ImageDecoder, color_mode_for
 from image_embedder.request_decoding import decode_multipart, decode_request
-from image_embedder.tools.reference import reference_embeddings
+from image_embedder_testkit.bodies import encoded_image
+from image_embedder_testkit.feature_server import IMAGE_SETTINGS
+from image_embedder_testkit.reference import reference_embeddings
 
 
 def encode(array: np.ndarray, fmt: str = "PNG", exif_orientation: int = 0) -> bytes:

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from image_embedder.tools.paths import REPO
+from image_embedder_testkit.checkout import REPO
 
 SCRIPT = os.path.join(REPO, "scripts", "inspect_model.py")
 

@@ -1,7 +1,7 @@
 """KServe v2 (Open Inference Protocol) against a real TorchServe: JSON bodies on /predictions/<name>
 (single and batched tensors, several inputs, UINT8, ids echoed, concurrent requests batched together),
 then NVIDIA's tritonclient itself, binary tensor data in and out, on TorchServe's /v2/models/<name>/infer
-route and on /predictions; every answer checked against tests/reference.py."""
+route and on /predictions; every answer checked against image_embedder_testkit.reference."""
 import io
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +13,7 @@ import torch
 import tritonclient.http as triton
 from PIL import Image
 
-from image_embedder.tools.reference import reference_embeddings
+from image_embedder_testkit.reference import reference_embeddings
 
 pytestmark = pytest.mark.server
 

@@ -4,11 +4,11 @@ import os
 import pytest
 import torch
 
-from conftest import MODELS_DIR
 from image_embedder.layer_tap import LayerTap
 from image_embedder.loading import load_model
+from image_embedder_testkit.checkout import TEST_MODELS
 
-NESTED = os.path.join(MODELS_DIR, "nested_net.py")
+NESTED = os.path.join(TEST_MODELS, "nested_net.py")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 One module-scoped server (shipped config, token auth on) serves the example as `encoder` and a
 `picky` model whose forward raises for images 48 pixels wide. The load scenario comes from
 scripts/load_test.py (its longer version is the documented benchmark): 16 clients with distinct
-images, every answer checked against tests/reference.py.
+images, every answer checked against image_embedder_testkit.reference.
 """
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ import requests
 import torch
 import yaml
 
-from image_embedder.tools.build import ArchiveSpec, build_archive
-from conftest import java_available, npy_bytes
-from image_embedder.tools.load_test import make_inputs, run_scenario
-from image_embedder.tools.reference import load_reference_model, reference_embeddings
-from ts_inprocess import InProcessModel, Request
-from image_embedder.tools.ts_server import TorchServe
+from image_embedder_bench.load_test import make_inputs, run_scenario
+from image_embedder_testkit.bodies import npy_bytes
+from image_embedder_testkit.reference import load_reference_model, reference_embeddings
+from image_embedder_testkit.ts_inprocess import InProcessModel, Request
+from image_embedder_testkit.ts_server import TorchServe, java_available
+from image_embedder_tools.build import ArchiveSpec, build_archive
 
 CLIENTS = 16
 BATCH_SIZE = 8  # this test archive's batchSize: the requests in one batch a worker runs

@@ -6,24 +6,24 @@ import sys
 import pytest
 import torch
 
-from conftest import MODELS_DIR
 from image_embedder.errors import ConfigError
 from image_embedder.layer_tap import resolve_layer
 from image_embedder.loading import build_model, import_model_file, load_model, load_state_dict
+from image_embedder_testkit.checkout import TEST_MODELS
 
-NESTED = os.path.join(MODELS_DIR, "nested_net.py")
-FACTORY = os.path.join(MODELS_DIR, "factory_net.py")
+NESTED = os.path.join(TEST_MODELS, "nested_net.py")
+FACTORY = os.path.join(TEST_MODELS, "factory_net.py")
 
 
 @pytest.fixture
 def nested_weights(tmp_path):
     path = tmp_path / "nested.pth"
     torch.manual_seed(3)
-    sys.path.insert(0, MODELS_DIR)
+    sys.path.insert(0, TEST_MODELS)
     try:
         from nested_net import NestedNet
     finally:
-        sys.path.remove(MODELS_DIR)
+        sys.path.remove(TEST_MODELS)
     model = NestedNet(width=5)
     torch.save(model.state_dict(), path)
     return str(path), model.state_dict()
@@ -53,7 +53,7 @@ def test_factory_function_with_kwargs():
 
 def test_model_file_imports_a_sibling_file(tmp_path):
     for name in ("sibling_user.py", "sibling_parts_xq7.py"):
-        shutil.copy(os.path.join(MODELS_DIR, name), tmp_path / name)
+        shutil.copy(os.path.join(TEST_MODELS, name), tmp_path / name)
     sys.modules.pop("sibling_parts_xq7", None)
     model = load_model(str(tmp_path / "sibling_user.py"), "SiblingNet", None)
     assert type(model.stem).__name__ == "Stem"

@@ -9,7 +9,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import npy_bytes
+from image_embedder_testkit.bodies import npy_bytes
 
 MODEL = "chlast"  # only this file's requests go to it between scrapes
 

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from feature_server import IMAGE_SETTINGS
 from image_embedder.errors import ConfigError, RequestError
 from image_embedder.image_decoding import ImageDecoder
-from conftest import encoded_image
 from image_embedder.settings import EncoderSettings
-from image_embedder.tools.build import ArchiveSpec, build_archive
-from image_embedder.tools.reference import reference_embeddings
-from ts_inprocess import InProcessModel, Request
+from image_embedder_testkit.bodies import encoded_image
+from image_embedder_testkit.feature_server import IMAGE_SETTINGS
+from image_embedder_testkit.reference import reference_embeddings
+from image_embedder_testkit.ts_inprocess import InProcessModel, Request
+from image_embedder_tools.build import ArchiveSpec, build_archive
 
 
 def photo(seed: int, height: int, width: int) -> np.ndarray:

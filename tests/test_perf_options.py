@@ -1,6 +1,6 @@
 """Speed options keep the embedding right: early exit, channels_last, bfloat16, torch.compile, uint8 + scale/mean/std.
 
-Each option's embedding is compared with the independent reference (tests/reference.py: the whole
+Each option's embedding is compared with the independent reference (image_embedder_testkit.reference: the whole
 forward pass with a plain hook) on a small model, so these run in seconds (compile: tens of seconds).
 Tolerances: exact-math options 1e-5 (as every other embedding test); bfloat16 autocast rounds
 activations to 8 mantissa bits, so it gets a relative 5e-2 and a cosine >= 0.999.
@@ -17,7 +17,7 @@ import torch
 from image_embedder.encoder import ImageEncoder
 from image_embedder.layer_tap import LayerTap
 from image_embedder.settings import EncoderSettings
-from image_embedder.tools.reference import load_reference_model, reference_embeddings
+from image_embedder_testkit.reference import load_reference_model, reference_embeddings
 
 SMALL_MODEL = textwrap.dedent('''
     import torch

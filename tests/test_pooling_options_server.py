@@ -1,12 +1,12 @@
-"""More pooling on a real TorchServe vs tests/reference.py: several layers (concatenated in the given
+"""More pooling on a real TorchServe vs image_embedder_testkit.reference: several layers (concatenated in the given
 order), gem with gem_p, normalize, and channel_axis -1 for a channels-last layer; describe answers."""
 import numpy as np
 import pytest
 import requests
 
-from conftest import npy_bytes
-from feature_server import MULTI_LAYERS, MULTI_SETTINGS
-from image_embedder.tools.reference import load_reference_model, reference_embeddings
+from image_embedder_testkit.bodies import npy_bytes
+from image_embedder_testkit.feature_server import MULTI_LAYERS, MULTI_SETTINGS
+from image_embedder_testkit.reference import load_reference_model, reference_embeddings
 
 pytestmark = pytest.mark.server
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import requests
 
-from image_embedder.tools.build import ArchiveSpec, build_archive
-from conftest import java_available, npy_bytes
-from image_embedder.tools.reference import reference_embeddings
-from ts_inprocess import InProcessModel, Request
-from image_embedder.tools.ts_server import TorchServe
+from image_embedder_testkit.bodies import npy_bytes
+from image_embedder_testkit.reference import reference_embeddings
+from image_embedder_testkit.ts_inprocess import InProcessModel, Request
+from image_embedder_testkit.ts_server import TorchServe, java_available
+from image_embedder_tools.build import ArchiveSpec, build_archive
 
 IMAGE = (3, 224, 224)
 PER_IMAGE = 3 * 224 * 224

@@ -15,10 +15,11 @@ import pytest
 import requests
 import yaml
 
-from image_embedder.tools.build import ArchiveSpec, build_archive
-from conftest import MODELS_DIR, java_available, npy_bytes
-from image_embedder.tools.reference import load_reference_model, reference_embeddings
-from image_embedder.tools.ts_server import TorchServe
+from image_embedder_testkit.bodies import npy_bytes
+from image_embedder_testkit.checkout import TEST_MODELS
+from image_embedder_testkit.reference import load_reference_model, reference_embeddings
+from image_embedder_testkit.ts_server import TorchServe, java_available
+from image_embedder_tools.build import ArchiveSpec, build_archive
 
 pytestmark = pytest.mark.server
 TIMEOUT = 120
@@ -105,7 +106,7 @@ def batching_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("batching")
     store = tmp_path_factory.mktemp("batching_store")
     model_file = str(folder / "nested_net.py")
-    shutil.copy(os.path.join(MODELS_DIR, "nested_net.py"), model_file)
+    shutil.copy(os.path.join(TEST_MODELS, "nested_net.py"), model_file)
     weights = str(folder / "nested.pth")
     subprocess.run([sys.executable, model_file, weights], check=True)
     config = folder / "model-config.yaml"

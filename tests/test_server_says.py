@@ -9,7 +9,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import npy_bytes
+from image_embedder_testkit.bodies import npy_bytes
 
 pytestmark = pytest.mark.server
 

@@ -15,7 +15,7 @@ import psutil
 import pytest
 import requests
 
-from image_embedder.tools.paths import REPO, SHIPPED_CONFIG
+from image_embedder_testkit.checkout import REPO, SHIPPED_CONFIG
 
 LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 

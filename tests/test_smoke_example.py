@@ -1,9 +1,9 @@
 """The example end to end in process: conv1 of a (3,224,224) image is a (10,) embedding."""
 import numpy as np
 
-from conftest import npy_bytes
-from image_embedder.tools.reference import reference_embeddings
-from ts_inprocess import Request
+from image_embedder_testkit.bodies import npy_bytes
+from image_embedder_testkit.reference import reference_embeddings
+from image_embedder_testkit.ts_inprocess import Request
 
 
 def test_example_single_image_matches_reference(example_service, example_model):

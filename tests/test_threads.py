@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from image_embedder.tools.build import ArchiveSpec, build_archive
-from conftest import npy_bytes
 from image_embedder.worker_threads import CoreShare, share_of
-from ts_inprocess import InProcessModel, Request
+from image_embedder_testkit.bodies import npy_bytes
+from image_embedder_testkit.ts_inprocess import InProcessModel, Request
+from image_embedder_tools.build import ArchiveSpec, build_archive
 
 
 @pytest.fixture

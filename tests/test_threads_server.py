@@ -16,9 +16,10 @@ import pytest
 import requests
 import yaml
 
-from conftest import MODELS_DIR, java_available, npy_bytes
-from image_embedder.tools.build import ArchiveSpec, build_archive
-from image_embedder.tools.ts_server import TorchServe
+from image_embedder_testkit.bodies import npy_bytes
+from image_embedder_testkit.checkout import TEST_MODELS
+from image_embedder_testkit.ts_server import TorchServe, java_available
+from image_embedder_tools.build import ArchiveSpec, build_archive
 
 pytestmark = pytest.mark.server
 CORES = len(os.sched_getaffinity(0))  # the workers inherit the test's cores
@@ -83,7 +84,7 @@ def probe(tmp_path_factory):
     store, gate = tmp_path_factory.mktemp("probe_store"), tmp_path_factory.mktemp("gate")
     config = store / "model-config.yaml"  # every request its own batch: one held request holds one worker
     config.write_text(yaml.safe_dump({"minWorkers": 2, "maxWorkers": 2, "batchSize": 1, "maxBatchDelay": 1}))
-    build_archive(ArchiveSpec(os.path.join(MODELS_DIR, "thread_probe.py"), "ThreadProbe", None, "probe",
+    build_archive(ArchiveSpec(os.path.join(TEST_MODELS, "thread_probe.py"), "ThreadProbe", None, "probe",
                               model_kwargs={"gate": str(gate)}, name="probe", export_path=str(store),
                               config_file=str(config)), quiet=True)
     server = TorchServe(str(store), "probe=probe.mar")

@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import private_example_server, npy_bytes
-from image_embedder.client import EmbeddingClient
-from image_embedder.tools.reference import reference_embeddings
+from image_embedder_client import EmbeddingClient
+from image_embedder_testkit.bodies import npy_bytes
+from image_embedder_testkit.checkout import SHIPPED_CONFIG
+from image_embedder_testkit.example_server import private_example_server
+from image_embedder_testkit.reference import reference_embeddings
 from test_shipped_config import read_properties
-from image_embedder.tools.paths import SHIPPED_CONFIG
 
 YEAR_S = 365 * 24 * 3600
 AUTH_REFUSED = "InvalidKeyException"

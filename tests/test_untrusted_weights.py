@@ -20,15 +20,15 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from image_embedder.tools.build import ArchiveSpec, build_archive
-from conftest import java_available, npy_bytes
 from image_embedder.encoder import ImageEncoder
 from image_embedder.errors import ConfigError
 from image_embedder.settings import EncoderSettings
-from image_embedder.tools.reference import reference_embeddings
-from ts_inprocess import InProcessModel
-from image_embedder.tools.paths import REPO
-from image_embedder.tools.ts_server import TorchServe
+from image_embedder_testkit.bodies import npy_bytes
+from image_embedder_testkit.checkout import REPO
+from image_embedder_testkit.reference import reference_embeddings
+from image_embedder_testkit.ts_inprocess import InProcessModel
+from image_embedder_testkit.ts_server import TorchServe, java_available
+from image_embedder_tools.build import ArchiveSpec, build_archive
 
 BUILD_MAR = os.path.join(REPO, "scripts", "build_mar.py")
 

@@ -4,7 +4,7 @@ KServe's `kserve-torchserve` runtime downloads the InferenceService's `storageUr
 starts TorchServe with `--model-store=/mnt/models/model-store` and
 `--ts-config=/mnt/models/config/config.properties`; its wrapper (same container) answers on 8080 and
 forwards every v1/v2 request, without a token, to TorchServe's `/predictions/<model>` on the
-config's inference address. The config is deploy/kserve/config.properties (why each line: there)
+config's inference address. The config is this package's kserve/config.properties (why each line: there)
 plus a `model_snapshot` naming the model: TorchServe loads it at start (the runtime passes no
 --models), and the wrapper takes its model names from there. Leave the InferenceService's
 serviceEnvelope label unset: our handler speaks KServe v1 and v2 itself, per request, which keeps
@@ -23,13 +23,13 @@ import shutil
 import sys
 import zipfile
 from dataclasses import dataclass
+from importlib import resources
 from typing import Optional
 
 import yaml
 
-from image_embedder.tools.paths import REPO
-
-CONFIG_TEMPLATE = os.path.join(REPO, "deploy", "kserve", "config.properties")
+# package data, so an installed wheel finds it from any directory
+CONFIG_TEMPLATE = resources.files("image_embedder_tools") / "kserve" / "config.properties"
 
 
 @dataclass
@@ -90,8 +90,7 @@ def write_layout(mar: str, out_dir: str, workers: Optional[int] = None, batch_si
     if os.path.abspath(mar) != os.path.abspath(target):
         shutil.copyfile(mar, target)
     config_path = os.path.join(out_dir, "config", "config.properties")
-    with open(CONFIG_TEMPLATE) as f:
-        config = f.read()
+    config = CONFIG_TEMPLATE.read_text()
     with open(config_path, "w") as f:
         f.write(config.rstrip("\n") + f"\nmodel_snapshot={settings.snapshot(mar_name)}\n")
     return config_path

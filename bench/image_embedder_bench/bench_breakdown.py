@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Where the time of one request goes: the example model, batch-32 uint8 .npy, a plain requests client.
 
     .venv/bin/python scripts/bench_breakdown.py               # 20 requests, py-spy if installed
@@ -30,10 +29,13 @@ from typing import Optional
 import numpy as np
 import requests
 
-from image_embedder.tools import bench
-from image_embedder.tools.build import ArchiveSpec
-from image_embedder.tools.paths import REPO
-from image_embedder.tools.ts_server import TorchServe
+from image_embedder_bench.bench_client import run_clients
+from image_embedder_bench.cases import NPY, SHAPE, ModelSpec
+from image_embedder_bench.measure import build_store, encoder_for, limit_runner, make_models
+from image_embedder_testkit.bodies import npy_bytes
+from image_embedder_testkit.checkout import REPO
+from image_embedder_testkit.ts_server import TorchServe
+from image_embedder_tools.build import ArchiveSpec, build_archive
 
 REPO_OUT = os.path.join(REPO, "out")
 METRIC = re.compile(r"\[METRICS\](\w+)\.(?:Milliseconds|ms):([\d.]+)\|#ModelName:(\w+)")
@@ -56,9 +58,8 @@ def worker_pids(server: TorchServe, model: str) -> list[int]:
 
 def send(server: TorchServe, model: str, body: bytes, count: int, in_flight: int = 1) -> list[float]:
     """`count` requests per client from `in_flight` requests.Session clients; client-side latencies (ms)."""
-    result = bench.run_clients(server.inference_url, f"/predictions/{model}", body,
-                               {**server.headers(), "Content-Type": bench.NPY, "Accept": bench.NPY},
-                               in_flight, count, kind="requests")
+    result = run_clients(server.inference_url, f"/predictions/{model}", body,
+                         {**server.headers(), "Content-Type": NPY, "Accept": NPY}, in_flight, count, kind="requests")
     if result.errors:
         raise RuntimeError(result.errors[0])
     return [x * 1000 for x in result.latencies_s], count * in_flight * 32 / result.wall_s
@@ -133,7 +134,7 @@ OVERLAP = [  # label, workers, torch threads per worker, TorchServe overrides
 ]
 
 
-def overlap(work: str, spec: bench.ModelSpec, body: bytes, count: int) -> list[dict]:
+def overlap(work: str, spec: ModelSpec, body: bytes, count: int) -> list[dict]:
     """Images/s of one and two requests in flight for each worker layout (a fresh TorchServe each)."""
     rows = []
     for label, workers, threads, overrides in OVERLAP:
@@ -143,9 +144,9 @@ def overlap(work: str, spec: bench.ModelSpec, body: bytes, count: int) -> list[d
         with open(config, "w") as f:
             json.dump({"minWorkers": workers, "maxWorkers": workers, "batchSize": 1, "maxBatchDelay": 0,
                        "responseTimeout": 600}, f)
-        bench.build_archive(ArchiveSpec(spec.model_file, spec.model_class, spec.state_dict, spec.layer,
-                                        input_shape=list(bench.SHAPE), config_file=config, name="example",
-                                        export_path=store, settings={"num_threads": threads}), quiet=True)
+        build_archive(ArchiveSpec(spec.model_file, spec.model_class, spec.state_dict, spec.layer,
+                                  input_shape=list(SHAPE), config_file=config, name="example",
+                                  export_path=store, settings={"num_threads": threads}), quiet=True)
         server = TorchServe(store, "example=example.mar", overrides={"default_workers_per_model": workers, **overrides})
         try:
             server.start(timeout=300)
@@ -173,9 +174,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     server = None
     results: dict = {"load_before": os.getloadavg()}
     try:
-        [spec] = bench.make_models(work, ["example"])
-        body = bench.npy_bytes(np.random.default_rng(0).integers(0, 256, (32, *bench.SHAPE), dtype=np.uint8))
-        names = bench.build_store(work, [spec], ["single"], argparse.Namespace(threads=args.threads, max_batch_delay=0))
+        [spec] = make_models(work, ["example"])
+        body = npy_bytes(np.random.default_rng(0).integers(0, 256, (32, *SHAPE), dtype=np.uint8))
+        names = build_store(work, [spec], ["single"], argparse.Namespace(threads=args.threads, max_batch_delay=0))
         server = TorchServe(os.path.join(work, "store"), ",".join(names), overrides={"default_workers_per_model": 1})
         server.start(timeout=300)
         server.wait_for_workers("example", 1, timeout=300)
@@ -185,8 +186,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         results["per request"].update(log_metrics(workdir, "example", 3))
         shutil.rmtree(workdir, ignore_errors=True)
         server = None
-        limit = bench.limit_runner(bench.encoder_for(spec, args.threads),
-                                   np.random.default_rng(0).integers(0, 256, (32, *bench.SHAPE), dtype=np.uint8), 5)()
+        limit = limit_runner(encoder_for(spec, args.threads),
+                             np.random.default_rng(0).integers(0, 256, (32, *SHAPE), dtype=np.uint8), 5)()
         results["in-process limit ms per b32"] = 1000 * limit.wall_s / limit.requests
         if args.overlap:
             results["overlap"] = overlap(work, spec, body, args.requests)

@@ -14,7 +14,7 @@ from typing import Optional
 
 import requests
 
-from image_embedder.tools.paths import SHIPPED_CONFIG
+from image_embedder_testkit.checkout import SHIPPED_CONFIG
 
 PORT_KEYS = ("inference_address", "management_address", "metrics_address")
 GRPC_KEYS = ("grpc_inference_port", "grpc_management_port")
@@ -44,6 +44,15 @@ def log_tail(workdir: str, launcher_log: str, lines: int = 60) -> str:
         except OSError:
             pass
     return "\n".join(chunks)
+
+
+def java_available() -> bool:
+    """Java 17 is on PATH: TorchServe's frontend needs it."""
+    try:
+        out = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return 'version "17' in out.stderr or 'version "17' in out.stdout
 
 
 def _torchserve() -> str:

@@ -8,27 +8,40 @@
     image-embedder load-test --duration 30
 
 `image-embedder COMMAND --help` shows a command's options. Each command is also a script in
-scripts/ (scripts/build_mar.py, ...), kept for the commands the docs show.
+scripts/ (scripts/build_mar.py, ...), kept for the commands the docs show. A command's module is
+imported only when it runs: the bench commands need this checkout's bench package, the others not.
 """
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import sys
 from typing import Optional, Sequence
 
 COMMANDS = {
-    "build": "image_embedder.tools.build",
-    "embed": "image_embedder.tools.embed",
-    "inspect": "image_embedder.tools.inspect_model",
-    "kserve-layout": "image_embedder.tools.kserve_layout",
-    "bench": "image_embedder.tools.bench",
-    "load-test": "image_embedder.tools.load_test",
+    "build": "image_embedder_tools.build",
+    "embed": "image_embedder_tools.embed",
+    "inspect": "image_embedder_tools.inspect_model",
+    "kserve-layout": "image_embedder_tools.kserve_layout",
+    "bench": "image_embedder_bench.bench",
+    "load-test": "image_embedder_bench.load_test",
+    "bench-breakdown": "image_embedder_bench.bench_breakdown",
+    "bench-threads": "image_embedder_bench.bench_threads",
+    "gpu-bench": "image_embedder_bench.gpu_bench",
 }
 
 
 def summary(module_name: str) -> str:
-    """The first line of a command module's docstring."""
-    doc = importlib.import_module(module_name).__doc__ or ""
+    """The first line of a command module's docstring, read from its source (nothing is imported)."""
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except ImportError:
+        spec = None
+    if spec is None or spec.origin is None:
+        return f"(not installed: {module_name})"
+    with open(spec.origin, encoding="utf-8") as f:
+        doc = ast.get_docstring(ast.parse(f.read())) or ""
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
@@ -38,7 +51,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(__doc__.strip())
         print("\ncommands:")
         for name, module in COMMANDS.items():
-            print(f"  {name:14} {summary(module)}")
+            print(f"  {name:16} {summary(module)}")
         return 0 if args else 2
     command, rest = args[0], args[1:]
     if command not in COMMANDS:

@@ -1,9 +1,9 @@
-#!/usr/bin/env python3
 """Load and faults against a real TorchServe: concurrent clients that check every answer, while
 workers are scaled 1 -> 3 -> 1 and one worker is killed with SIGKILL.
 
-Each client owns distinct images and their reference embeddings (tests/reference.py: the model, a
-plain forward hook, pooling written out), so a wrong or crossed answer is caught, not just an error.
+Each client owns distinct images and their reference embeddings (image_embedder_testkit.reference:
+the model, a plain forward hook, pooling written out), so a wrong or crossed answer is caught, not
+just an error.
 
     .venv/bin/python scripts/load_test.py                 # 16 clients, 30 s, scale at 5 s, kill at 20 s
     .venv/bin/python scripts/load_test.py --clients 8 --duration 60 --no-kill
@@ -29,10 +29,9 @@ from typing import Optional
 import numpy as np
 import requests
 
-
-from image_embedder.tools.reference import load_reference_model, reference_embeddings
-from image_embedder.tools.paths import EXAMPLE_MODEL
-from image_embedder.tools.ts_server import TorchServe
+from image_embedder_testkit.checkout import EXAMPLE_MODEL
+from image_embedder_testkit.reference import load_reference_model, reference_embeddings
+from image_embedder_testkit.ts_server import TorchServe
 
 IMAGE_SHAPE = (3, 224, 224)
 
@@ -278,7 +277,7 @@ def run_scenario(server: TorchServe, model: str, inputs: list[ClientInputs], dur
 
 
 def build_example(store: str) -> str:
-    from image_embedder.tools.build import ArchiveSpec, build_archive
+    from image_embedder_tools.build import ArchiveSpec, build_archive
 
     weights = os.path.join(store, "model_state_dict.pth")
     model_file = EXAMPLE_MODEL

@@ -1,6 +1,6 @@
 """A Python client for the image-embedder: arrays or encoded images in, (N, D) float32 out.
 
-    from image_embedder.client import EmbeddingClient
+    from image_embedder_client import EmbeddingClient
 
     client = EmbeddingClient("http://127.0.0.1:8080", "encoder", key_file="key_file.json")
     emb = client.embed(images)        # np.ndarray (N, D) float32, one row per image, in order

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """A short in-process GPU benchmark of the engine (what a served worker does, minus TorchServe).
 
     python3 scripts/gpu_bench.py --json out/gpu_bench.json
@@ -24,8 +23,8 @@ import torch
 from image_embedder.encoder import ImageEncoder
 from image_embedder.image_decoding import ImageDecoder, default_decode_threads
 from image_embedder.settings import EncoderSettings
-from image_embedder.tools import bench_models
-from image_embedder.tools.bench_photos import jpegs
+from image_embedder_bench import bench_models
+from image_embedder_bench.bench_photos import jpegs
 
 IMAGENET = {"scale": 1 / 255, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 

@@ -15,7 +15,7 @@ import time
 
 import requests
 
-from image_embedder.tools.ts_server import _torchserve, free_ports, log_tail
+from image_embedder_testkit.ts_server import _torchserve, free_ports, log_tail
 
 
 class KServeLayoutServer:

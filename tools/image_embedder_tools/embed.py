@@ -1,10 +1,9 @@
-#!/usr/bin/env python3
 """Embed a folder of images (PNG/JPEG) or .npy files, or one large .npy, through a running TorchServe.
 
     python scripts/embed.py photos/ --model encoder --out out/ --key-file key_file.json
     python scripts/embed.py images.npy --model encoder --out out/ --batch-size 32 --concurrency 4
 
-Built on image_embedder.client.EmbeddingClient (docs/client.md): each batch is one request, several
+Built on image_embedder_client.EmbeddingClient (docs/client.md): each batch is one request, several
 in flight at once, with a progress bar in images/s; lost workers (500 "Worker died."), 503, 507,
 dropped connections and timeouts are retried with backoff, and a refused key is re-read from
 --key-file (renewed through --management-url when it has expired; docs/auth.md). Every finished
@@ -27,7 +26,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from image_embedder.client import EmbeddingClient, EmbeddingError, TokenError
+from image_embedder_client import EmbeddingClient, EmbeddingError, TokenError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CHECKPOINT = "checkpoint"

@@ -1,4 +1,4 @@
-"""One real TorchServe for the issue-5 tests: images, pooling options, channels-last, metrics, KServe v2.
+"""One real TorchServe shared by the image, pooling-option, channels-last, metrics and KServe v2 tests.
 
 Models it serves (all built from small models so the suite stays fast):
 - `images`: the example's conv1, with resize 256 / center_crop 224 / scale 1/255 / mean / std.
@@ -13,8 +13,8 @@ import textwrap
 import torch
 import yaml
 
-from image_embedder.tools.build import ArchiveSpec, build_archive
-from image_embedder.tools.ts_server import TorchServe
+from image_embedder_tools.build import ArchiveSpec, build_archive
+from image_embedder_testkit.ts_server import TorchServe
 
 IMAGE_SETTINGS = {
     "resize": 256,

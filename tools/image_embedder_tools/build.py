@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Pack a user's model file, class/factory name, weights and layer into a self-contained TorchServe .mar.
 
 Before anything is written the model is imported, built, loaded and its layer resolved (and with
@@ -27,20 +26,17 @@ import torch
 import yaml
 
 import image_embedder
-
-
-from image_embedder.tools.cli_args import add_weights_arguments, parse_kwargs, parse_shape, weights_settings
 from image_embedder.checkpoints import INDEX_SUFFIX, UnwrapOptions
 from image_embedder.encoder import ImageEncoder
 from image_embedder.errors import ConfigError
 from image_embedder.loading import build_model, file_sha256, import_model_file, load_weights
 from image_embedder.settings import POOLINGS, EncoderSettings
+from image_embedder_tools.cli_args import add_weights_arguments, parse_kwargs, parse_shape, weights_settings
 
-PACKAGE = "image_embedder"
-# Modules of the package that never run in a worker (the client sends the requests): left out of
-# the archive, so the server needs nothing the client imports (requests, urllib3).
-NOT_SERVED = ("client.py", "tools")
-HANDLER_FILE = importlib.util.find_spec("encoder_handler").origin  # the TorchServe adapter, beside the package
+# What an archive carries of this project: handler/ whole, i.e. the TorchServe adapter and the engine
+# package beside it. Found by import, so a wheel install (both in site-packages) builds the same archive.
+HANDLER_FILE = importlib.util.find_spec("encoder_handler").origin
+ENGINE_DIR = os.path.dirname(image_embedder.__file__)
 # TorchServe keys written when the user brings no model-config.yaml: dynamic batching that waits at
 # most 20 ms to fill a batch of 16 requests (what the bench found best for 16 concurrent
 # single-image clients on a 2-core CPU). No worker count: TorchServe's default_workers_per_model
@@ -227,8 +223,8 @@ def build_archive(spec: ArchiveSpec, quiet: bool = False) -> str:
                 f"embedding size {encoder.embedding_dim}")
 
         package_root = os.path.join(work, "package")
-        shutil.copytree(os.path.dirname(image_embedder.__file__), os.path.join(package_root, PACKAGE),
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", *NOT_SERVED))
+        shutil.copytree(ENGINE_DIR, os.path.join(package_root, os.path.basename(ENGINE_DIR)),
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         config_path = os.path.join(work, "model-config.yaml")
         with open(config_path, "w") as f:
             yaml.safe_dump(config, f, sort_keys=False)

@@ -5,7 +5,6 @@ import argparse
 import json
 from typing import Any, Optional
 
-
 from image_embedder.checkpoints import UnwrapOptions
 from image_embedder.errors import ConfigError
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Find the layer to tap: one forward pass with hooks on every submodule, printed as a table.
 
     python scripts/inspect_model.py --model-file model.py --model-class CustomModel --input-shape 3,224,224
@@ -15,11 +14,10 @@ import json
 import sys
 from typing import Optional, Sequence
 
-
-from image_embedder.tools.cli_args import add_weights_arguments, parse_kwargs, parse_shape, unwrap_options
 from image_embedder.errors import ConfigError
 from image_embedder.layer_table import ForwardFailed, format_table, layer_table
 from image_embedder.loading import load_model
+from image_embedder_tools.cli_args import add_weights_arguments, parse_kwargs, parse_shape, unwrap_options
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

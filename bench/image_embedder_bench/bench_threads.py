@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Threads after scaling: N worker processes embedding at once, each with cores // N torch threads (what
 a worker does now, following the live worker count) or with every core (what a worker did after a
 scale-up when its threads were sized from maxWorkers=1 at load).
@@ -16,13 +15,13 @@ import multiprocessing as mp
 import os
 import statistics
 import time
-
+from typing import Optional
 
 
 def _worker(threads: int, seconds: float, start, out) -> None:
     import torch
 
-    from image_embedder.tools import bench_models
+    from image_embedder_bench import bench_models
 
     torch.set_num_threads(threads)
     model = bench_models.ResNet18().eval()
@@ -50,12 +49,12 @@ def run(workers: int, threads: int, seconds: float) -> float:
     return sum(rates)
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
     settings = {"share (cores // workers)": max(1, cores // args.workers), "every core (old, after scale-up)": cores}
     results: dict[str, list[float]] = {name: [] for name in settings}
@@ -66,7 +65,8 @@ def main() -> None:
     for name, threads in settings.items():
         rounds = ", ".join(f"{r:.1f}" for r in results[name])
         print(f"  {threads} threads each, {name}: median {statistics.median(results[name]):.1f} images/s ({rounds})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
