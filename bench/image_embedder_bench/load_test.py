@@ -141,6 +141,7 @@ class LoadRun:
                     outcome, detail = self._classify(client, seq, got)
                 else:
                     outcome, detail = "http_error", r.text[:200]
+                    session.close()  # as a careful client does: a lost batch's late answer may follow on it
             except requests.Timeout as exc:
                 outcome, detail = "timeout", str(exc)[:200]
             except requests.RequestException as exc:

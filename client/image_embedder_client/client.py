@@ -225,6 +225,10 @@ class EmbeddingClient:
             if self._is_auth_refusal(response) and refreshed < 2 and self._refresh(token):
                 refreshed += 1  # a fresh key (bounded: a file for another server must not loop)
                 continue
+            if self._lost_worker(response):
+                # TorchServe can still write the lost batch's late answer on this keep-alive connection,
+                # where the next request would read it as its own: never reuse the connection.
+                self._session().close()
             if self._lost_worker(response) and attempt < self.retries:
                 attempt += 1
                 self._count_retries(1)
