@@ -164,3 +164,30 @@ def test_no_writable_temporary_folder_falls_back_to_max_workers(example_files, t
     assert model.service._entry_point.__self__.cores is None
     assert torch.get_num_threads() == 1  # 64 workers' share of any machine with fewer than 128 cores
     embed(model)
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"cpu.max": "200000 100000\n"}, 2),
+    ({"cpu.max": "150000 100000\n"}, 1),  # 1.5 CPUs: one thread never throttled, not two that would be
+    ({"cpu.max": "50000 100000\n"}, 1),
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu.cfs_quota_us": "400000\n", "cpu.cfs_period_us": "100000\n"}, 4),
+    ({"cpu.cfs_quota_us": "-1\n", "cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),
+])
+def test_cpu_limit_of_a_container(tmp_path, files, expected):
+    from image_embedder.worker_threads import cpu_quota
+
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    assert cpu_quota((str(tmp_path / "cpu.max"), str(tmp_path / "cpu.cfs_quota_us"))) == expected
+
+
+def test_cores_are_capped_by_the_cpu_limit(monkeypatch):
+    import image_embedder.worker_threads as wt
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))  # a node's 64 cores
+    monkeypatch.setattr(wt, "cpu_quota", lambda: 2)  # a pod limited to 2 CPUs
+    assert wt.available_cores() == 2
+    monkeypatch.setattr(wt, "cpu_quota", lambda: None)
+    assert wt.available_cores() == 64

@@ -24,12 +24,39 @@ import torch
 SLOTS = 1024  # workers per TorchServe: pid and busy flag, two int32 each (8 KiB)
 
 
+CPU_QUOTA_FILES = ("/sys/fs/cgroup/cpu.max",  # cgroup v2: "<quota> <period>" or "max <period>"
+                   "/sys/fs/cgroup/cpu/cpu.cfs_quota_us")  # cgroup v1, beside cpu.cfs_period_us
+
+
+def cpu_quota(files: tuple = CPU_QUOTA_FILES) -> Optional[int]:
+    """The whole CPUs a container's CPU limit allows (quota / period, at least 1), or None when unlimited.
+
+    A pod limited to 2 CPUs may still see every core of its node in its affinity; threads sized
+    from the affinity would then be throttled by the limit."""
+    for path in files:
+        try:
+            with open(path) as f:
+                fields = f.read().split()
+            if path.endswith("cpu.cfs_quota_us"):
+                with open(os.path.join(os.path.dirname(path), "cpu.cfs_period_us")) as f:
+                    fields.append(f.read().strip())
+        except OSError:
+            continue
+        if len(fields) < 2 or fields[0] in ("max", "-1"):
+            return None
+        quota, period = int(fields[0]), int(fields[1])
+        return max(1, quota // period) if quota > 0 and period > 0 else None
+    return None
+
+
 def available_cores() -> int:
-    """The cores this process may run on."""
+    """The cores this process may run on: its CPU affinity, capped by its container's CPU limit."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cpu_quota()
+    return min(cores, quota) if quota else cores
 
 
 def default_share_file() -> str:
