@@ -52,3 +52,50 @@ def test_bench_quick_runs_and_reports_ratios(tmp_path):
     assert results["breakdown"]["example"]["zero_copy_npy"] == 1.0
     # the bench's own TorchServe is gone (its temporary directories are removed)
     assert not [d for d in os.listdir(tmp_path) if d.startswith(("bench-", "ts-test-"))]
+
+
+def test_layouts_quick_runs_every_layout_against_both_limits(tmp_path):
+    """`image-embedder bench-layouts --quick`: every case on every layout, divided by its limit, the
+    answers checked against the engine in process, worker memory per archive, a load verdict and a chart."""
+    if not java_available():
+        pytest.fail("the benchmark needs Java 17 for TorchServe")
+    out_json, chart = tmp_path / "layouts.json", tmp_path / "layouts.png"
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "image_embedder_bench.layouts", "--quick", "--json", str(out_json),
+                           "--plot", str(chart)], capture_output=True, text=True, timeout=420, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out_json.read_text())
+    assert not results["errors"], results["errors"]
+    from image_embedder_bench.layouts import CASES, LAYOUTS
+
+    cases = {c.id for c in CASES if c.quick}
+    assert {(r["case"], r["layout"]) for r in results["rows"]} == {(c, l.id) for c in cases for l in LAYOUTS}
+    assert all(r["limit"] > 0 and r["ratio"] > 0 and len(r["rates"]) == 1 for r in results["rows"])
+    assert {l["limit"] for l in results["limits"]} == {"single stream", "single-thread team"}
+    cores = len(os.sched_getaffinity(0))
+    assert {name: len(rss) for name, rss in results["rss_mb"].items()} == \
+        {f"example-{l.id}": (l.workers or cores) for l in LAYOUTS}
+    assert re.search(r"load average before \d+\.\d\d, after \d+\.\d\d: (quiet|NOT QUIET)", proc.stdout)
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [d for d in os.listdir(tmp_path) if d.startswith(("bench-layouts-", "ts-test-"))]
+
+
+def test_soak_samples_every_worker_and_checks_every_answer(tmp_path):
+    """`image-embedder soak` for a few seconds: each worker's RSS in the CSV, no wrong answer, a chart."""
+    if not java_available():
+        pytest.fail("the soak needs Java 17 for TorchServe")
+    csv_path, chart, summary = tmp_path / "soak.csv", tmp_path / "soak.png", tmp_path / "soak.json"
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "image_embedder_bench.soak", "--minutes", "0.25", "--warmup-min", "0",
+                           "--sample-s", "2", "--clients", "3", "--csv", str(csv_path), "--plot", str(chart),
+                           "--json", str(summary)], capture_output=True, text=True, timeout=420, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(summary.read_text())
+    assert result["wrong"] == 0 and result["answered"] > 0
+    assert {k.split("/")[0] for k in result["counts"]} == {"npy4", "jpeg", "garbage"}  # the mix, every kind answered
+    lines = csv_path.read_text().splitlines()
+    assert lines[0] == "seconds,worker_pid,rss_mb,answered,wrong"
+    pids = {line.split(",")[1] for line in lines[1:]}
+    assert len(pids) == len(result["workers"]) >= 1
+    assert all(float(line.split(",")[2]) > 50 for line in lines[1:])  # a worker holding torch and a model
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

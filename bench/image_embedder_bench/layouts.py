@@ -33,14 +33,13 @@ import requests
 import yaml
 
 from image_embedder.npy_codec import read_npy
-from image_embedder.tools import bench_models
-from image_embedder.tools.bench_client import RunResult, run_clients
-from image_embedder.tools.bench_photos import jpegs
-from image_embedder.tools.build import ArchiveSpec, build_archive
-from image_embedder.tools.paths import EXAMPLE_MODEL
-from image_embedder.tools.ts_server import TorchServe, free_ports
+from image_embedder_testkit.checkout import EXAMPLE_MODEL
+from image_embedder_testkit.ts_server import TorchServe, free_ports
+from image_embedder_tools.build import ArchiveSpec, build_archive
 
-from . import limits
+from . import bench_models, limits
+from .bench_client import RunResult, run_clients
+from .bench_photos import jpegs
 from .limits import Engine
 
 QUIET_LOAD = 1.5
@@ -245,7 +244,7 @@ def make_rows(model: str, engine: Engine, cases: list[Case], layouts: tuple, pay
                         lambda i=images: limits.single_thread_team(engine, i, calls)))
     for case in cases:
         images = payloads[case.payload]
-        expected = engine.work(1, images)[1]()[0]  # the in-process answer to this payload
+        expected = engine.work(1, images)[1]()  # the in-process answer to this payload
         body, headers = http_body(images)
         headers.update(server.headers())
         targets = [(layout.id, "served", server.inference_url, f"/predictions/{model}-{layout.id}", body, headers)

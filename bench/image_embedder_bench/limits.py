@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from image_embedder.encoder import ImageEncoder
+from image_embedder.errors import RequestError
 from image_embedder.image_decoding import ImageDecoder
 from image_embedder.settings import EncoderSettings
 
@@ -43,15 +44,23 @@ class Engine:
             "num_threads": threads, **dict(self.settings)})
         return ImageEncoder(settings, os.path.dirname(self.model_file))
 
-    def work(self, threads: int, images: np.ndarray | tuple) -> tuple[ImageEncoder, Callable[[], object]]:
+    def work(self, threads: int, images: np.ndarray | tuple) -> tuple[ImageEncoder, Callable[[], np.ndarray]]:
         """One request's work as the worker does it: a uint8 batch, or encoded images decoded by a pool
-        of `threads` threads, then prepare + forward (early exit) + pooling."""
+        of `threads` threads, then prepare + forward (early exit) + pooling. Returns its embeddings;
+        a refusal raises (a limit must never time an error)."""
         encoder = self.encoder(threads)
         if isinstance(images, np.ndarray):
-            return encoder, lambda: encoder.embed_requests([[images]])
+            return encoder, lambda: _embedded(encoder.embed_requests([[images]]))
         decoder = ImageDecoder.from_settings(encoder.settings)
         pool = ThreadPoolExecutor(threads)
-        return encoder, lambda: encoder.embed_requests([list(pool.map(lambda b: decoder.decode(b)[None], images))])
+        return encoder, lambda: _embedded(encoder.embed_requests([list(pool.map(decoder.decode, images))]))
+
+
+def _embedded(results: list) -> np.ndarray:
+    [result] = results
+    if isinstance(result, RequestError):
+        raise result
+    return result
 
 
 def best_pass(encoder: ImageEncoder, work: Callable[[], object], count: int, calls: int) -> float:

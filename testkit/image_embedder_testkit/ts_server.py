@@ -64,8 +64,9 @@ class TorchServe:
     """Start with `start()`, stop with `stop()`; `inference_url`, `management_url`, `metrics_url`, `headers()`."""
 
     def __init__(self, model_store: str, models: str = "", overrides: Optional[dict] = None,
-                 base_config: str = SHIPPED_CONFIG) -> None:
+                 base_config: str = SHIPPED_CONFIG, env: Optional[dict] = None) -> None:
         self.model_store = os.path.abspath(model_store)
+        self.extra_env = dict(env or {})  # for the frontend and, through it, every worker
         self.models = models
         self.workdir = tempfile.mkdtemp(prefix="ts-test-")
         self.tmpdir = os.path.join(self.workdir, "tmp")
@@ -99,7 +100,7 @@ class TorchServe:
 
     @property
     def env(self) -> dict:
-        env = dict(os.environ, TMPDIR=self.tmpdir, TEMP=self.tmpdir)  # TEMP: Java's tmpdir (worker sockets)
+        env = dict(os.environ, **self.extra_env, TMPDIR=self.tmpdir, TEMP=self.tmpdir)  # TEMP: Java's tmpdir (worker sockets)
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         return env
 

@@ -5,7 +5,9 @@
     image-embedder inspect --model-file m.py --model-class Net --input-shape 3,224,224
     image-embedder kserve-layout model_store/encoder.mar out/kserve
     image-embedder bench --quick
+    image-embedder bench-layouts --plot out/layouts.png
     image-embedder load-test --duration 30
+    image-embedder soak --minutes 60 --plot out/soak.png
 
 `image-embedder COMMAND --help` shows a command's options. Each command is also a script in
 scripts/ (scripts/build_mar.py, ...), kept for the commands the docs show. A command's module is
@@ -29,6 +31,8 @@ COMMANDS = {
     "bench-breakdown": "image_embedder_bench.bench_breakdown",
     "bench-threads": "image_embedder_bench.bench_threads",
     "gpu-bench": "image_embedder_bench.gpu_bench",
+    "bench-layouts": "image_embedder_bench.layouts",
+    "soak": "image_embedder_bench.soak",
 }
 
 
