@@ -38,8 +38,8 @@ class ServingSettings:
 
     name: str
     version: str
-    # One worker per CPU of deploy/kserve's CPU InferenceService (2), 1 torch thread each: the layout
-    # measured best on a CPU (docs/performance.md). A model_snapshot must name a count.
+    # One worker per CPU of deploy/kserve's CPU InferenceService (2), sharing its CPUs among those
+    # computing (docs/performance.md#worker-layout). A model_snapshot must name a count.
     min_workers: int = 2
     max_workers: int = 2
     batch_size: int = 8
