@@ -3,6 +3,8 @@ TorchServe: every input kind against image_embedder_testkit.reference, describe(
 worker and a scale-down with nothing lost and nothing wrong."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import io
 import json
 import os
@@ -19,9 +21,11 @@ import pytest
 import requests
 from PIL import Image
 
-from image_embedder_bench.load_test import kill_worker, scale, wait_for_replacement, workers
-from image_embedder_client import EmbeddingClient, EmbeddingError, TokenError, encode_batch, flatten_images
+from image_embedder_bench.load_test import kill_worker, wait_for_replacement
+from image_embedder_client import (ClientOptions, EmbeddingClient, EmbeddingError, TokenError, encode_batch,
+                                  flatten_images)
 from image_embedder_testkit.example_server import private_example_server
+from image_embedder_testkit.management import scale, workers
 from image_embedder_testkit.reference import reference_embeddings
 from image_embedder_testkit.scripted import scripted_embeddings, scripted_reply
 
@@ -284,3 +288,14 @@ def test_stream_through_a_killed_worker_and_a_scale_down(client_server, example_
         np.testing.assert_allclose(got, expected[t][i], atol=1e-5)
     assert len([w for w in workers(client_server, "encoder") if w.get("status") == "READY"]) == 1
     print(f"{len(answers)} batches answered, {client.retried} sent again")
+
+
+def test_client_options_are_the_constructors_parameters():
+    """ClientOptions carries EmbeddingClient's parameters under the same names with the same defaults."""
+    params = list(inspect.signature(EmbeddingClient.__init__).parameters.values())[1:]
+    options = dataclasses.fields(ClientOptions)
+    assert [p.name for p in params] == [f.name for f in options]
+    assert [p.default for p in params] == [inspect.Parameter.empty if f.default is dataclasses.MISSING
+                                           else f.default for f in options]
+    client = EmbeddingClient.from_options(ClientOptions("http://h:1/", "m", timeout=7.0, batch_size=3))
+    assert (client.url, client.model, client.timeout, client.batch_size) == ("http://h:1", "m", 7.0, 3)
