@@ -42,7 +42,7 @@ class Served:
 
     @property
     def handler(self):
-        return self.service.service._entry_point.__self__
+        return self.service.handler
 
     def expected(self, images):
         return reference_embeddings(self.reference, self.layer, images, self.pooling)
