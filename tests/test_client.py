@@ -18,7 +18,6 @@ from typing import Optional
 
 import numpy as np
 import pytest
-import requests
 from PIL import Image
 
 from image_embedder_bench.load_test import kill_worker, wait_for_replacement
@@ -223,17 +222,6 @@ def test_every_input_kind_matches_the_reference(client_server, example_model, tm
         client.embed([b"\x89PNG\r\n\x1a\ntruncated"])
 
 
-def scale_down_to_one(server) -> None:
-    """PUT min/max_worker=1 (TorchServe may answer 206 "in progress"), then poll until one worker is left."""
-    r = requests.put(f"{server.management_url}/models/encoder", params={"min_worker": 1, "max_worker": 1},
-                     headers=server.headers("management"), timeout=60)
-    assert r.status_code in (200, 202, 206), r.text
-    deadline = time.monotonic() + 180
-    while len(workers(server, "encoder")) != 1:
-        assert time.monotonic() < deadline, workers(server, "encoder")
-        time.sleep(0.2)
-
-
 @pytest.mark.server
 def test_stream_through_a_killed_worker_and_a_scale_down(client_server, example_model):
     """Four threads embed batches without pause while a worker is SIGKILLed and 2 workers are scaled
@@ -276,7 +264,7 @@ def test_stream_through_a_killed_worker_and_a_scale_down(client_server, example_
         wait_for_replacement(client_server, "encoder", pid)
         wait_done(4)
         scale_down_at = time.monotonic()
-        scale_down_to_one(client_server)
+        scale(client_server, "encoder", 1, synchronous=False)  # polled: the stopped worker gone
         wait_done(8)
     finally:
         stop.set()

@@ -15,14 +15,24 @@ def workers(server: TorchServe, model: str) -> list[dict]:
     return r.json()[0].get("workers", [])
 
 
-def scale(server: TorchServe, model: str, count: int, timeout: float = 180.0) -> float:
-    """Scale `model` to exactly `count` workers, synchronously, and wait for them to be READY;
-    returns the seconds it took. RuntimeError when TorchServe does not answer 200."""
+def scale(server: TorchServe, model: str, count: int, timeout: float = 180.0, synchronous: bool = True) -> float:
+    """Scale `model` to exactly `count` workers and wait for them; returns the seconds it took.
+
+    Synchronous: TorchServe answers 200 once the change is made, then `count` workers are READY.
+    Else it may answer 202/206 ("in progress") at once, and the workers are polled until exactly
+    `count` are left (a scale-down's stopping workers gone). RuntimeError on any other answer."""
     start = time.monotonic()
-    r = requests.put(f"{server.management_url}/models/{model}",
-                     params={"min_worker": count, "max_worker": count, "synchronous": "true"},
+    params = {"min_worker": count, "max_worker": count, **({"synchronous": "true"} if synchronous else {})}
+    r = requests.put(f"{server.management_url}/models/{model}", params=params,
                      headers=server.headers("management"), timeout=timeout)
-    if r.status_code != 200:
+    if r.status_code not in ((200,) if synchronous else (200, 202, 206)):
         raise RuntimeError(f"scaling {model} to {count} failed: {r.status_code} {r.text[:300]}")
-    server.wait_for_workers(model, count, timeout=timeout)
+    if synchronous:
+        server.wait_for_workers(model, count, timeout=timeout)
+    else:
+        deadline = time.monotonic() + timeout
+        while len(workers(server, model)) != count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{model} still has {workers(server, model)} after {timeout}s, not {count} workers")
+            time.sleep(0.2)
     return time.monotonic() - start
