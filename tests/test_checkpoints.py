@@ -1,4 +1,4 @@
-"""The checkpoints training code really writes (issue 11): one archive per kind of file, built with
+"""The checkpoints training code really writes: one archive per kind of file, built with
 scripts/build_mar.py, its SERVED embeddings (TorchServe's Service.predict in process, and one real
 TorchServe) checked against image_embedder_testkit.reference run on the original model; refusals with their
 messages; the archive's size with and without optimizer state."""

@@ -3,6 +3,8 @@ TorchServe: every input kind against image_embedder_testkit.reference, describe(
 worker and a scale-down with nothing lost and nothing wrong."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import io
 import json
 import os
@@ -16,12 +18,13 @@ from typing import Optional
 
 import numpy as np
 import pytest
-import requests
 from PIL import Image
 
-from image_embedder_bench.load_test import kill_worker, scale, wait_for_replacement, workers
-from image_embedder_client import EmbeddingClient, EmbeddingError, TokenError, encode_batch, flatten_images
+from image_embedder_bench.load_test import kill_worker, wait_for_replacement
+from image_embedder_client import (ClientOptions, EmbeddingClient, EmbeddingError, TokenError, encode_batch,
+                                  flatten_images)
 from image_embedder_testkit.example_server import private_example_server
+from image_embedder_testkit.management import scale, workers
 from image_embedder_testkit.reference import reference_embeddings
 from image_embedder_testkit.scripted import scripted_embeddings, scripted_reply
 
@@ -219,17 +222,6 @@ def test_every_input_kind_matches_the_reference(client_server, example_model, tm
         client.embed([b"\x89PNG\r\n\x1a\ntruncated"])
 
 
-def scale_down_to_one(server) -> None:
-    """PUT min/max_worker=1 (TorchServe may answer 206 "in progress"), then poll until one worker is left."""
-    r = requests.put(f"{server.management_url}/models/encoder", params={"min_worker": 1, "max_worker": 1},
-                     headers=server.headers("management"), timeout=60)
-    assert r.status_code in (200, 202, 206), r.text
-    deadline = time.monotonic() + 180
-    while len(workers(server, "encoder")) != 1:
-        assert time.monotonic() < deadline, workers(server, "encoder")
-        time.sleep(0.2)
-
-
 @pytest.mark.server
 def test_stream_through_a_killed_worker_and_a_scale_down(client_server, example_model):
     """Four threads embed batches without pause while a worker is SIGKILLed and 2 workers are scaled
@@ -272,7 +264,7 @@ def test_stream_through_a_killed_worker_and_a_scale_down(client_server, example_
         wait_for_replacement(client_server, "encoder", pid)
         wait_done(4)
         scale_down_at = time.monotonic()
-        scale_down_to_one(client_server)
+        scale(client_server, "encoder", 1, synchronous=False)  # polled: the stopped worker gone
         wait_done(8)
     finally:
         stop.set()
@@ -284,3 +276,14 @@ def test_stream_through_a_killed_worker_and_a_scale_down(client_server, example_
         np.testing.assert_allclose(got, expected[t][i], atol=1e-5)
     assert len([w for w in workers(client_server, "encoder") if w.get("status") == "READY"]) == 1
     print(f"{len(answers)} batches answered, {client.retried} sent again")
+
+
+def test_client_options_are_the_constructors_parameters():
+    """ClientOptions carries EmbeddingClient's parameters under the same names with the same defaults."""
+    params = list(inspect.signature(EmbeddingClient.__init__).parameters.values())[1:]
+    options = dataclasses.fields(ClientOptions)
+    assert [p.name for p in params] == [f.name for f in options]
+    assert [p.default for p in params] == [inspect.Parameter.empty if f.default is dataclasses.MISSING
+                                           else f.default for f in options]
+    client = EmbeddingClient.from_options(ClientOptions("http://h:1/", "m", timeout=7.0, batch_size=3))
+    assert (client.url, client.model, client.timeout, client.batch_size) == ("http://h:1", "m", 7.0, 3)

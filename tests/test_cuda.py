@@ -19,6 +19,7 @@ import torch
 from image_embedder.encoder import ImageEncoder, resolve_device
 from image_embedder.errors import RequestError
 from image_embedder.settings import EncoderSettings
+from image_embedder_testkit.imagenet import IMAGENET, MEAN, STD
 from image_embedder_testkit.reference import load_reference_model, reference_embeddings
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -65,8 +66,7 @@ def encoder_for(example_files: dict, **extra) -> ImageEncoder:
         "model_definition_file": os.path.basename(example_files["model_file"]),
         "model_class_name": example_files["class"],
         "model_state_dict_path": os.path.basename(example_files["state_dict"]),
-        "layer_name": "conv1", "device": "cuda", "scale": 1 / 255, "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225], **extra})
+        "layer_name": "conv1", "device": "cuda", **IMAGENET, **extra})
     return ImageEncoder(settings, os.path.dirname(example_files["model_file"]))
 
 
@@ -80,7 +80,7 @@ def no_tf32():
 
 
 def normalized(images: np.ndarray) -> np.ndarray:
-    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    mean, std = np.array(MEAN), np.array(STD)
     return ((images / 255.0 - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
 
 

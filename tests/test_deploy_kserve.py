@@ -24,7 +24,6 @@ from image_embedder_testkit.checkout import REPO
 from image_embedder_testkit.kserve_server import KServeLayoutServer
 from image_embedder_testkit.reference import reference_embeddings
 
-pytestmark = pytest.mark.server
 ROUTES = ("/predictions/encoder", "/v1/models/encoder:predict", "/v2/models/encoder/infer")
 
 
@@ -102,6 +101,7 @@ def embeddings_from(response: requests.Response, protocol: str, request_id: str)
     return np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
 
 
+@pytest.mark.server
 def test_concurrent_v1_and_v2_bodies_on_every_route(kserve_server, conv1_model):
     """24 clients at once, v1 and v2 mixed, images of several sizes, batch sizes 1-3: each gets its own rows."""
     rng = np.random.default_rng(10)
@@ -124,6 +124,7 @@ def test_concurrent_v1_and_v2_bodies_on_every_route(kserve_server, conv1_model):
                                    err_msg=f"{route} {protocol} {request_id}")
 
 
+@pytest.mark.server
 def test_a_bad_body_in_a_batch_costs_the_others_nothing(kserve_server, conv1_model):
     rng = np.random.default_rng(11)
     good = [rng.random((2, 3, 8, 8), dtype=np.float32) for _ in range(6)]
@@ -141,6 +142,7 @@ def test_a_bad_body_in_a_batch_costs_the_others_nothing(kserve_server, conv1_mod
                                    reference_embeddings(conv1_model, "conv1", images), atol=1e-5)
 
 
+@pytest.mark.server
 def test_tritonclient_async_requests(kserve_server, conv1_model):
     """The Triton/KServe v2 HTTP client (JSON, not binary tensors), 8 requests in flight at once."""
     httpclient = pytest.importorskip("tritonclient.http")
@@ -163,6 +165,7 @@ def test_tritonclient_async_requests(kserve_server, conv1_model):
         client.close()
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("envelope", ["kserve", "kservev2"])
 def test_service_envelope_label_breaks_every_request(layout, envelope):
     """What does not work: with the serviceEnvelope label set, TorchServe's envelope hands the handler

@@ -14,6 +14,7 @@ import requests
 import yaml
 
 from image_embedder_testkit.checkout import REPO
+from image_embedder_testkit.management import scale
 from image_embedder_testkit.ts_server import TorchServe
 
 pytestmark = pytest.mark.server
@@ -100,21 +101,14 @@ def test_readiness_needs_the_key(pod_server, tmp_path):
     assert run_probe("livenessProbe", pod_server, str(wrong)).returncode == 0  # the frontend still answers
 
 
-def scale(server: TorchServe, workers: int) -> None:
-    r = requests.put(f"{server.management_url}/models/encoder",
-                     params={"min_worker": workers, "max_worker": workers, "synchronous": "true"},
-                     headers=server.headers("management"), timeout=120)
-    assert r.status_code == 200, r.text
-
-
 def test_readiness_needs_a_ready_worker(pod_server):
-    scale(pod_server, 0)
+    scale(pod_server, "encoder", 0)
     try:
         result = run_probe("readinessProbe", pod_server)
         assert result.returncode == 1, result.stdout
         assert run_probe("livenessProbe", pod_server).returncode == 0
     finally:
-        scale(pod_server, 1)
+        scale(pod_server, "encoder", 1)
         pod_server.wait_for_workers("encoder")
     assert run_probe("readinessProbe", pod_server).returncode == 0
 

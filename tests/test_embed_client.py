@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from image_embedder_client import EmbeddingClient
+from image_embedder_client import ClientOptions, EmbeddingClient
 from image_embedder_testkit.checkout import REPO
 from image_embedder_testkit.reference import load_reference_model, reference_embeddings
 from image_embedder_testkit.scripted import scripted_embeddings, scripted_reply
@@ -166,20 +166,21 @@ def test_retries_503_507_and_lost_worker_with_backoff(tmp_path):
     try:
         np.save(tmp_path / "x.npy", np.zeros((3, 3, 4, 4), np.float32))
         (tmp_path / "key_file.json").write_text(json.dumps({"inference": {"key": "k1"}}))
-        summary = embed.run(embed.RunSettings([str(tmp_path / "x.npy")], str(tmp_path / "out"), url, "m",
-                                              key_file=str(tmp_path / "key_file.json"), batch_size=3,
-                                              concurrency=1, backoff=0.01, quiet=True))
+        client = ClientOptions(url, "m", key_file=str(tmp_path / "key_file.json"), retries=6, batch_size=3,
+                               backoff=0.01)
+        summary = embed.run(embed.RunSettings([str(tmp_path / "x.npy")], str(tmp_path / "out"), client,
+                                              concurrency=1, quiet=True))
         assert summary["retries"] == 3 and summary["complete"]
         assert _Flaky.seen == [("Bearer k1", 3)] * 4  # the same batch of 3 images, tried four times
         np.testing.assert_array_equal(np.load(tmp_path / "out" / "embeddings.npy"), np.full((3, 2), 7, np.float32))
         _Flaky.answers = [503] * 3
         with pytest.raises(embed.ClientError, match="HTTP 503"):  # out of retries: a clear error
-            embed.run(embed.RunSettings([str(tmp_path / "x.npy")], str(tmp_path / "out2"), url, "m", batch_size=3,
-                                        retries=2, backoff=0.01, quiet=True))
+            embed.run(embed.RunSettings([str(tmp_path / "x.npy")], str(tmp_path / "out2"),
+                                        ClientOptions(url, "m", retries=2, batch_size=3, backoff=0.01), quiet=True))
         _Flaky.answers = [(500, b'{"code": 500, "type": "InternalError", "message": "decoding failed"}')]
         with pytest.raises(embed.ClientError, match="HTTP 500"):  # a real server error is not retried
-            embed.run(embed.RunSettings([str(tmp_path / "x.npy")], str(tmp_path / "out3"), url, "m", batch_size=3,
-                                        retries=2, backoff=0.01, quiet=True))
+            embed.run(embed.RunSettings([str(tmp_path / "x.npy")], str(tmp_path / "out3"),
+                                        ClientOptions(url, "m", retries=2, batch_size=3, backoff=0.01), quiet=True))
     finally:
         server.shutdown()
         server.server_close()
@@ -190,7 +191,7 @@ def test_finished_run_is_not_redone_unless_an_input_changed(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     _Flaky.answers, _Flaky.seen = [], []
     settings = embed.RunSettings([str(tmp_path / "x.npy")], str(tmp_path / "out"),
-                                 f"http://127.0.0.1:{server.server_port}", "m", batch_size=2, quiet=True)
+                                 ClientOptions(f"http://127.0.0.1:{server.server_port}", "m", batch_size=2), quiet=True)
     try:
         np.save(tmp_path / "x.npy", np.zeros((3, 3, 4, 4), np.uint8))
         assert embed.run(settings)["embedded"] == 3 and len(_Flaky.seen) == 2

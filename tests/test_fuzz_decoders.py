@@ -136,9 +136,7 @@ def test_pickled_payloads_are_never_unpickled(tmp_path):
     payload = pickle.dumps(LeaveFile(str(evidence)))
     objects = np.empty((1, 1, 1, 1), dtype=object)
     objects[0, 0, 0, 0] = LeaveFile(str(evidence))
-    buf = io.BytesIO()
-    np.save(buf, objects, allow_pickle=True)
-    bodies = [buf.getvalue(), payload, NPY_MAGIC + b"\x01\x00" + payload, pickle.dumps([[[[LeaveFile(str(evidence))]]]])]
+    bodies = [npy_bytes(objects, allow_pickle=True), payload, NPY_MAGIC + b"\x01\x00" + payload, pickle.dumps([[[[LeaveFile(str(evidence))]]]])]
     for body in bodies:
         for content_type in ("application/x-npy", "application/octet-stream", "application/python-pickle", ""):
             result = decode_checked(bytearray(body), content_type)
@@ -302,13 +300,12 @@ def hostile_requests(tmp_path) -> list[Request]:
     evidence = tmp_path / "unpickled-in-handler.txt"
     objects = np.empty((1, 1, 1, 1), dtype=object)
     objects[0, 0, 0, 0] = LeaveFile(str(evidence))
-    pickled_npy = io.BytesIO()
-    np.save(pickled_npy, objects, allow_pickle=True)
+    pickled_npy = npy_bytes(objects, allow_pickle=True)
     deep = b'{"data": ' + b"[" * 5000 + b"1" + b"]" * 5000 + b"}"
     return [
         Request(npy_bytes(np.zeros((2, 3, 8, 8), np.float32))[:-5]),                      # truncated
         Request(npy_header("<f4", (10**6, 10**6, 10**6)) + b"\0" * 16),                   # huge claim
-        Request(pickled_npy.getvalue()),                                                   # object dtype
+        Request(pickled_npy),                                                             # object dtype
         Request(pickle.dumps(LeaveFile(str(evidence))), "application/octet-stream"),      # raw pickle
         Request(deep, "application/json"),                                                 # nested deep
         Request(b'{"data": [[[1e39, 2]]]}', "application/json"),                           # beyond float32

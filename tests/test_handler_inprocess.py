@@ -42,7 +42,7 @@ class Served:
 
     @property
     def handler(self):
-        return self.service.service._entry_point.__self__
+        return self.service.handler
 
     def expected(self, images):
         return reference_embeddings(self.reference, self.layer, images, self.pooling)
@@ -148,9 +148,7 @@ def test_describe_header(example_service, example_model):
 
 # -- bad input among good requests ------------------------------------------------------------------
 def _object_npy():
-    buf = io.BytesIO()
-    np.save(buf, np.array([{"x": 1}], dtype=object), allow_pickle=True)
-    return buf.getvalue()
+    return npy_bytes(np.array([{"x": 1}], dtype=object), allow_pickle=True)
 
 
 def _with(value):

@@ -17,6 +17,9 @@ import torch
 from image_embedder.encoder import ImageEncoder
 from image_embedder.layer_tap import LayerTap
 from image_embedder.settings import EncoderSettings
+from image_embedder_testkit.bodies import npy_bytes
+from image_embedder_testkit.compare import cosine_min
+from image_embedder_testkit.imagenet import IMAGENET
 from image_embedder_testkit.reference import load_reference_model, reference_embeddings
 
 SMALL_MODEL = textwrap.dedent('''
@@ -61,10 +64,6 @@ def encoder(small_files: dict, layer: str = "block.2", **extra: object) -> Image
     return ImageEncoder(settings, small_files["dir"])
 
 
-def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
-    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
-
-
 def test_early_exit_skips_the_rest_of_the_forward_pass(small_files):
     enc = encoder(small_files, "block.2")
     got = enc.embed(IMAGES)
@@ -96,7 +95,7 @@ def test_bfloat16_autocast_is_close_to_float32(small_files):
 
 
 def test_uint8_with_scale_mean_std_equals_the_normalized_float_input(small_files):
-    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    mean, std = IMAGENET["mean"], IMAGENET["std"]
     pixels = np.random.default_rng(4).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
     got = encoder(small_files, "block.4", scale=1 / 255, mean=mean, std=std).embed(pixels)
     normalized = (pixels.astype(np.float32) / 255 - np.array(mean, np.float32)[:, None, None]) / np.array(std, np.float32)[:, None, None]
@@ -112,11 +111,8 @@ def test_normalizing_a_float32_input_does_not_modify_the_callers_array(small_fil
 
 def test_npy_bodies_are_decoded_without_a_copy():
     from image_embedder.request_decoding import decode_request
-    import io
 
-    buf = io.BytesIO()
-    np.save(buf, np.arange(2 * 3 * 4 * 4, dtype=np.uint8).reshape(2, 3, 4, 4))
-    body = bytearray(buf.getvalue())
+    body = bytearray(npy_bytes(np.arange(2 * 3 * 4 * 4, dtype=np.uint8).reshape(2, 3, 4, 4)))
     [images] = decode_request(body, "application/x-npy").images
     assert np.shares_memory(images, np.frombuffer(body, np.uint8))
 

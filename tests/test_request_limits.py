@@ -32,7 +32,7 @@ def limited_service(example_files, tmp_path_factory):
                         name="limited", export_path=str(store), batch_size=32,
                         settings={"max_images_per_request": MAX_IMAGES, "max_batch_pixels": MAX_PIXELS}), quiet=True)
     service = InProcessModel(mar)
-    handler = service.service._entry_point.__self__
+    handler = service.handler
     passes: list[int] = []
     handler.encoder.model.register_forward_pre_hook(lambda module, args: passes.append(int(args[0].shape[0])))
     return service, passes

@@ -15,9 +15,11 @@ import pytest
 import requests
 import yaml
 
+from image_embedder_bench.load_test import ClientInputs, LoadRun
 from image_embedder_testkit.bodies import npy_bytes
 from image_embedder_testkit.checkout import TEST_MODELS
 from image_embedder_testkit.reference import load_reference_model, reference_embeddings
+from image_embedder_testkit.management import scale, workers
 from image_embedder_testkit.ts_server import TorchServe, java_available
 from image_embedder_tools.build import ArchiveSpec, build_archive
 
@@ -188,84 +190,44 @@ def test_one_bad_request_among_good_ones(batching_server):
         np.testing.assert_allclose(embeddings_of(resp)[0], expected[i], atol=1e-5)
 
 
-def _scale(server, workers):
-    r = requests.put(f"{server.management_url}/models/{NAME}?min_worker={workers}&max_worker={workers}"
-                     "&synchronous=true", headers=server.headers("management"), timeout=300)
-    assert r.status_code == 200, r.text
-    return r
-
-
 LOST_WITH_WORKER = ("Worker died", "Worker scaled down")
 CLIENT_TIMEOUT_S = 45  # answered requests here take well under a second; bounds a lost one
 
 
 def test_scaling_workers_while_requests_run(batching_server):
-    """Scale 1 -> 2 -> 1 under traffic. Scaling up and steady serving lose nothing. Scaling down:
-    TorchServe 0.12 stops a worker at once and fails the batch it holds (pytorch/serve#1101, open),
-    so the only failures allowed are that batch's 500 "Worker died" (or, by a rarer race in the same
-    shutdown, one request left unanswered until the client's timeout), ended once the scale-down
-    began, at most one batch (8), and each succeeds when sent again (embedding is idempotent: the
-    client retry of scripts/embed.py). Never a wrong answer or another status."""
+    """Scale 1 -> 2 -> 1 under the load tester's traffic (image_embedder_bench.load_test: clients that
+    check every answer). Scaling up and steady serving lose nothing. Scaling down: TorchServe 0.12
+    stops a worker at once and fails the batch it holds (pytorch/serve#1101, open), so the only
+    failures allowed are that batch's 500 "Worker died" (or, by a rarer race in the same shutdown, one
+    request left unanswered until the client's timeout), ended once the scale-down began, at most one
+    batch (8), and each succeeds when sent again (embedding is idempotent: the client retries it).
+    Never a wrong answer or another status."""
     server, reference = batching_server
-    inputs = [images(3000 + i) for i in range(16)]
-    expected = reference_embeddings(reference, LAYER, np.stack(inputs))
-    stop = threading.Event()
-    failures, answered, lost = [], [], []
-    scale_down_started = [float("inf")]
-
-    def client(offset):
-        session = requests.Session()
-        i = offset
-        while not stop.is_set():
-            k = i % len(inputs)
-            try:
-                try:
-                    resp = post(server, inputs[k], session, timeout=CLIENT_TIMEOUT_S)
-                except requests.Timeout as exc:  # TorchServe's race: a stopped worker's job left unanswered
-                    resp = exc
-                if isinstance(resp, requests.Timeout) or (
-                        resp.status_code == 500 and any(m in resp.text for m in LOST_WITH_WORKER)):
-                    lost.append((time.monotonic(), str(getattr(resp, "text", resp))[:200]))
-                    session = requests.Session()
-                    resp = post(server, inputs[k], session)  # the client's retry
-                got = embeddings_of(resp)[0]
-                if not np.allclose(got, expected[k], atol=1e-5):
-                    failures.append(f"request {k}: wrong embedding")
-            except Exception as exc:  # noqa: BLE001 - every failure is collected and reported
-                failures.append(f"request {k}: {exc!r}"[:300])
-            answered.append(k)
-            i += 1
-
-    def wait_for_answers(count, what):
-        """Poll until `count` more requests were answered: traffic really ran in this phase."""
-        goal, deadline = len(answered) + count, time.monotonic() + 2 * CLIENT_TIMEOUT_S
-        while len(answered) < goal:
-            assert time.monotonic() < deadline and not stop.is_set(), f"no traffic {what}: {failures[:3]}"
-            time.sleep(0.05)
-
-    threads = [threading.Thread(target=client, args=(n * 5,)) for n in range(3)]
-    for t in threads:
-        t.start()
+    batches = [images(3000 + client, n=5) for client in range(3)]
+    inputs = [ClientInputs([npy_bytes(x) for x in batch], list(reference_embeddings(reference, LAYER, batch)[:, None]))
+              for batch in batches]
+    phase = 2 * CLIENT_TIMEOUT_S
+    run = LoadRun(f"{server.inference_url}/predictions/{NAME}", server.headers(), inputs, CLIENT_TIMEOUT_S).start()
     try:
-        wait_for_answers(6, "before scaling")
-        _scale(server, 2)
-        workers = requests.get(f"{server.management_url}/models/{NAME}", headers=server.headers("management"),
-                               timeout=TIMEOUT).json()[0]["workers"]
-        assert len(workers) == 2, workers
-        wait_for_answers(6, "with two workers")
-        during_up = len(answered)
-        scale_down_started[0] = time.monotonic()
-        _scale(server, 1)
-        wait_for_answers(6, "after the scale-down")
+        run.wait_for("answers before scaling", run.every_client(run.started), phase)
+        scale(server, NAME, 2, timeout=300)
+        assert len(workers(server, NAME)) == 2, workers(server, NAME)
+        run.wait_for("answers with two workers", run.every_client(time.monotonic()), phase)
+        scale_down_started = time.monotonic()
+        scale(server, NAME, 1, timeout=300)
+        run.wait_for("answers after the scale-down", run.every_client(time.monotonic()), phase)
     finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=TIMEOUT)
+        records = run.stop()
+    lost = [r for r in records if r.outcome == "timeout" or (
+            r.outcome == "http_error" and r.status == 500 and any(m in r.detail for m in LOST_WITH_WORKER))]
+    failures = [r for r in records if r.outcome != "ok" and r not in lost]
     assert not failures, failures[:10]
-    assert during_up > 0 and len(answered) > during_up, "requests did not run across the scaling"
+    assert any(r.outcome == "ok" and r.done < scale_down_started for r in records), "no traffic before the scale-down"
     assert len(lost) <= 8, lost  # at most the one batch the stopped worker held
     # Only the scale-down loses requests: none was answered "Worker died" before it began.
-    assert all(answered_at >= scale_down_started[0] for answered_at, _ in lost), lost
-    workers = requests.get(f"{server.management_url}/models/{NAME}", headers=server.headers("management"),
-                           timeout=TIMEOUT).json()[0]["workers"]
-    assert len(workers) == 1, workers
+    assert all(r.done >= scale_down_started for r in lost), lost
+    for r in lost:  # the client's retry
+        k = r.seq % len(batches[r.client])
+        np.testing.assert_allclose(embeddings_of(post(server, batches[r.client][k])), inputs[r.client].expected[k],
+                                   atol=1e-5)
+    assert len(workers(server, NAME)) == 1, workers(server, NAME)

@@ -1,4 +1,4 @@
-"""What a real TorchServe answers for the surprises of issue 9 section 4: repeated multipart part names,
+"""What a real TorchServe answers to requests that surprise users: repeated multipart part names,
 bodies sent as application/x-www-form-urlencoded (curl's default), an HWC array, describe."""
 from __future__ import annotations
 

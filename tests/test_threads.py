@@ -115,7 +115,7 @@ def test_handler_sizes_every_pass_and_goes_idle_after_the_batch(example_files, t
     monkeypatch.setattr("tempfile.tempdir", None)
     model = InProcessModel(archive(example_files, tmp_path, "threads_share", {"default_batch_size": 2}),
                            model_name="threads_share")
-    handler = model.service._entry_point.__self__
+    handler = model.handler
     me = handler.cores
     assert me is not None and me.path == str(tmp_path / f"image-embedder-busy-workers-{os.getuid()}")
     me.cores = 4
@@ -142,7 +142,7 @@ def test_handler_sizes_every_pass_and_goes_idle_after_the_batch(example_files, t
 def test_explicit_num_threads_wins(example_files, tmp_path, restore_threads):
     torch.set_num_threads(7)  # anything the load must overwrite
     model = InProcessModel(archive(example_files, tmp_path, "threads3", {"num_threads": 3}), model_name="threads3")
-    assert model.service._entry_point.__self__.cores is None
+    assert model.handler.cores is None
     embed(model)
     assert torch.get_num_threads() == 3
 
@@ -161,7 +161,7 @@ def test_no_writable_temporary_folder_falls_back_to_max_workers(example_files, t
     (tmp_path / f"image-embedder-busy-workers-{os.getuid()}").mkdir()  # a folder where the file would be
     torch.set_num_threads(7)
     model = InProcessModel(mar, model_name="threads_ro")
-    assert model.service._entry_point.__self__.cores is None
+    assert model.handler.cores is None
     assert torch.get_num_threads() == 1  # 64 workers' share of any machine with fewer than 128 cores
     embed(model)
 

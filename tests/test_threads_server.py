@@ -18,6 +18,7 @@ import yaml
 
 from image_embedder_testkit.bodies import npy_bytes
 from image_embedder_testkit.checkout import TEST_MODELS
+from image_embedder_testkit.management import scale
 from image_embedder_testkit.ts_server import TorchServe, java_available
 from image_embedder_tools.build import ArchiveSpec, build_archive
 
@@ -70,13 +71,6 @@ class Probe:
         return answers
 
 
-def scale(server: TorchServe, workers: int) -> None:
-    r = requests.put(f"{server.management_url}/models/probe?min_worker={workers}&max_worker={workers}&synchronous=true",
-                     headers=server.headers("management"), timeout=120)
-    assert r.status_code == 200, r.text
-    server.wait_for_workers("probe", workers)
-
-
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory):
     if not java_available():
@@ -105,16 +99,16 @@ def test_a_lone_request_gets_every_core_and_concurrent_ones_share(probe):
 
 
 def test_threads_follow_scaling_up_and_down(probe):
-    scale(probe.server, 3)
+    scale(probe.server, "probe", 3)
     probe.hold()
     probe.hold()
     third = probe.threads()
     assert 1 <= third <= math.ceil(CORES / 3)
     assert [r.status_code for r in probe.release()] == [200, 200]
     assert probe.threads() == CORES
-    scale(probe.server, 1)
+    scale(probe.server, "probe", 1)
     assert probe.threads() == CORES
-    scale(probe.server, 2)
+    scale(probe.server, "probe", 2)
 
 
 def test_a_worker_killed_mid_pass_stops_counting(probe):

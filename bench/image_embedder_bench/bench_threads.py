@@ -1,6 +1,6 @@
-"""Threads after scaling: N worker processes embedding at once, each with cores // N torch threads (what
-a worker does now, following the live worker count) or with every core (what a worker did after a
-scale-up when its threads were sized from maxWorkers=1 at load).
+"""Threads after scaling: N worker processes embedding at once, each with cores // N torch threads (a
+share that follows the live worker count) or with every core (threads sized for a lone worker and kept
+after a scale-up).
 
     .venv/bin/python scripts/bench_threads.py --workers 2 --seconds 6 --rounds 3
 
@@ -56,7 +56,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
-    settings = {"share (cores // workers)": max(1, cores // args.workers), "every core (old, after scale-up)": cores}
+    settings = {"share (cores // workers)": max(1, cores // args.workers), "every core (sized for one worker)": cores}
     results: dict[str, list[float]] = {name: [] for name in settings}
     for _ in range(args.rounds):
         for name, threads in settings.items():

@@ -15,10 +15,10 @@ import numpy as np
 
 from image_embedder_bench.bench_photos import jpegs
 from image_embedder_testkit.bodies import npy_bytes
+from image_embedder_testkit.imagenet import IMAGENET
 
 SHAPE = (3, 224, 224)
 NPY = "application/x-npy"
-IMAGENET = {"scale": 1 / 255, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 PHOTO = {"resize": 256, "center_crop": 224}  # server-side preprocessing of the JPEG archives
 DRAFT = {"jpeg_draft": True, "exact_resize": False}
 LIMIT_BATCHES = (1, 16, 32)  # the limit_b<N> and raw_b<N> rows

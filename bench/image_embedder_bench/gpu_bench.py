@@ -25,8 +25,9 @@ from image_embedder.image_decoding import ImageDecoder, default_decode_threads
 from image_embedder.settings import EncoderSettings
 from image_embedder_bench import bench_models
 from image_embedder_bench.bench_photos import jpegs
+from image_embedder_testkit.compare import cosine_min
+from image_embedder_testkit.imagenet import IMAGENET
 
-IMAGENET = {"scale": 1 / 255, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
 def encoder(folder: str, model: str, dtype: str, device: str) -> ImageEncoder:
@@ -50,8 +51,53 @@ def best_rate(fn, images: int, calls: int = 5) -> float:
     return images / min(times)
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
+def model_rows(folder: str, model: str, device: str, u8: dict, files: list) -> list[dict]:
+    """`model` in float32 and the device's low precision: uint8 .npy batches (with the low precision's
+    smallest cosine against float32) and a batch of JPEGs decoded by the worker's thread pool."""
+    low = "bfloat16" if device == "cpu" else "float16"
+    decoder = ImageDecoder("RGB", 256, 224, threads=default_decode_threads())
+    rows, base = [], None
+    for dtype in ("float32", low):
+        enc = encoder(folder, model, dtype, device)
+        for batch in (1, 32):
+            rate = best_rate(lambda: enc.embed_requests([[u8[batch]]])[0], batch)
+            row = {"model": model, "dtype": dtype, "input": f"uint8 .npy b{batch}", "images_per_s": rate}
+            if batch == 32:
+                got = enc.embed_requests([[u8[32]]])[0]
+                base = got if dtype == "float32" else base
+                if dtype != "float32":
+                    row["min_cosine_vs_float32"] = cosine_min(got, base)
+            rows.append(_shown(row))
+
+        def jpeg_batch():
+            rows_in = [{f"img{i}": bytearray(f) for i, f in enumerate(files)}]
+            decoder.prefetch(rows_in)
+            return enc.embed_requests([[decoder(v)[0] for v in rows_in[0].values()]])[0]
+
+        rows.append(_shown({"model": model, "dtype": dtype, "input": "32 JPEG 1920x1080 (decode+forward)",
+                            "images_per_s": best_rate(jpeg_batch, 32, 3)}))
+    return rows
+
+
+def decode_rows(files: list) -> list[dict]:
+    """The JPEGs decoded alone, on one thread and on the worker's default thread count."""
+    rows = []
+    for threads in sorted({1, default_decode_threads()}):
+        alone = ImageDecoder("RGB", 256, 224, threads=threads)
+
+        def decode_all(alone=alone):
+            rows_in = [{f"img{i}": bytearray(f) for i, f in enumerate(files)}]
+            alone.prefetch(rows_in)
+            return [alone(v) for v in rows_in[0].values()]
+
+        rows.append(_shown({"input": "32 JPEG 1920x1080, decode alone", "threads": threads,
+                            "images_per_s": best_rate(decode_all, 32, 3)}))
+    return rows
+
+
+def _shown(row: dict) -> dict:
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def main(argv=None) -> int:
@@ -62,47 +108,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     folder = tempfile.mkdtemp(prefix="gpu-bench-")
     os.symlink(bench_models.__file__, os.path.join(folder, "bench_models.py"))
-    low = "bfloat16" if args.device == "cpu" else "float16"
     rng = np.random.default_rng(0)
     u8 = {b: rng.integers(0, 256, (b, 3, 224, 224), dtype=np.uint8) for b in (1, 32)}
     files = list(jpegs(32, 1920, 1080, 3))
-    decoder = ImageDecoder("RGB", 256, 224, threads=default_decode_threads())
-    rows = []
-    for model in args.models.split(","):
-        base = None
-        for dtype in ("float32", low):
-            enc = encoder(folder, model, dtype, args.device)
-            for batch in (1, 32):
-                rate = best_rate(lambda: enc.embed_requests([[u8[batch]]])[0], batch)
-                row = {"model": model, "dtype": dtype, "input": f"uint8 .npy b{batch}", "images_per_s": rate}
-                if batch == 32:
-                    got = enc.embed_requests([[u8[32]]])[0]
-                    base = got if dtype == "float32" else base
-                    if dtype != "float32":
-                        row["min_cosine_vs_float32"] = cosine(got, base)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-
-            def jpeg_batch():
-                rows_in = [{f"img{i}": bytearray(f) for i, f in enumerate(files)}]
-                decoder.prefetch(rows_in)
-                return enc.embed_requests([[decoder(v)[0] for v in rows_in[0].values()]])[0]
-
-            row = {"model": model, "dtype": dtype, "input": "32 JPEG 1920x1080 (decode+forward)",
-                   "images_per_s": best_rate(jpeg_batch, 32, 3)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    for threads in sorted({1, default_decode_threads()}):
-        alone = ImageDecoder("RGB", 256, 224, threads=threads)
-
-        def decode_all(alone=alone):
-            rows_in = [{f"img{i}": bytearray(f) for i, f in enumerate(files)}]
-            alone.prefetch(rows_in)
-            return [alone(v) for v in rows_in[0].values()]
-
-        rows.append({"input": "32 JPEG 1920x1080, decode alone", "threads": threads,
-                     "images_per_s": best_rate(decode_all, 32, 3)})
-        print(json.dumps(rows[-1]), flush=True)
+    rows = [row for model in args.models.split(",") for row in model_rows(folder, model, args.device, u8, files)]
+    rows += decode_rows(files)
     result = {"device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
               "torch": torch.__version__, "rows": rows}
     if args.json:

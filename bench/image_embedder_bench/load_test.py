@@ -14,7 +14,6 @@ shipped config.properties, token auth on); tests/test_load_and_faults.py runs a 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import signal
@@ -29,17 +28,13 @@ from typing import Optional
 import numpy as np
 import requests
 
+from image_embedder_testkit.bodies import npy_bytes
 from image_embedder_testkit.checkout import EXAMPLE_MODEL
+from image_embedder_testkit.management import scale, workers
 from image_embedder_testkit.reference import load_reference_model, reference_embeddings
 from image_embedder_testkit.ts_server import TorchServe
 
 IMAGE_SHAPE = (3, 224, 224)
-
-
-def npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
 
 
 @dataclass
@@ -68,7 +63,7 @@ def make_inputs(model, clients: int, per_client: int, layer: str = "conv1", seed
         images = np.random.default_rng(seed * 10_000 + c).random((per_client, *IMAGE_SHAPE), dtype=np.float32)
         images[:, 0, 0, 0] = c  # no two clients can ever send the same image
         expected = reference_embeddings(model, layer, images)
-        out.append(ClientInputs([npy(im) for im in images], [e[None] for e in expected]))
+        out.append(ClientInputs([npy_bytes(im) for im in images], [e[None] for e in expected]))
     return out
 
 
@@ -154,24 +149,6 @@ class LoadRun:
 
 # -- management API ----------------------------------------------------------------------------------
 
-def workers(server: TorchServe, model: str) -> list[dict]:
-    r = requests.get(f"{server.management_url}/models/{model}", headers=server.headers("management"), timeout=30)
-    r.raise_for_status()
-    return r.json()[0].get("workers", [])
-
-
-def scale(server: TorchServe, model: str, count: int, timeout: float = 180.0) -> float:
-    """Scale to exactly `count` workers, synchronously; returns the seconds it took."""
-    start = time.monotonic()
-    r = requests.put(f"{server.management_url}/models/{model}",
-                     params={"min_worker": count, "max_worker": count, "synchronous": "true"},
-                     headers=server.headers("management"), timeout=timeout)
-    if r.status_code != 200:
-        raise RuntimeError(f"scaling {model} to {count} failed: {r.status_code} {r.text[:300]}")
-    server.wait_for_workers(model, count, timeout=timeout)
-    return time.monotonic() - start
-
-
 def kill_worker(server: TorchServe, model: str) -> tuple[int, float]:
     """SIGKILL one READY worker of `model` (its pid from the management API); returns (pid, when)."""
     ready = [w for w in workers(server, model) if w.get("status") == "READY" and int(w.get("pid", -1)) > 0]
@@ -224,6 +201,39 @@ def summarize(records: list[Record], start: float, end: float, kill_at: Optional
     return report
 
 
+def scale_up_and_down(run: LoadRun, server: TorchServe, model: str, workers: int, phase_timeout: float,
+                      log=print) -> dict:
+    """Scale 1 -> `workers` -> 1 under `run`'s load: each step once every client has been answered after
+    the previous one; returns the events (monotonic times; `_s` keys are durations)."""
+    events: dict = {"scale_start": time.monotonic()}
+    events["scale_up_s"] = round(scale(server, model, workers), 2)
+    log(f"scaled to {workers} workers in {events['scale_up_s']} s")
+    up = time.monotonic()
+    run.wait_for(f"answers for every client from {workers} workers", run.every_client(up), phase_timeout)
+    events["scale_down"] = time.monotonic()
+    events["scale_down_s"] = round(scale(server, model, 1), 2)
+    events["scale_end"] = time.monotonic()
+    log(f"scaled back to 1 worker in {events['scale_down_s']} s")
+    # every request in flight at the scale-down has ended (answered, failed or timed out)
+    events["scale_settled"] = run.wait_for("every client past the scale-down",
+                                           run.every_client(events["scale_end"], None), phase_timeout)
+    return events
+
+
+def kill_and_replace(run: LoadRun, server: TorchServe, model: str, phase_timeout: float, log=print) -> dict:
+    """SIGKILL a worker under `run`'s load, wait for its replacement and for every client to be answered
+    correctly after it; returns the events."""
+    events: dict = {}
+    pid, events["kill"] = kill_worker(server, model)
+    log(f"SIGKILL worker pid {pid}")
+    events["replaced"] = wait_for_replacement(server, model, pid)
+    events["worker_back_s"] = round(events["replaced"] - events["kill"], 2)
+    log(f"replacement worker READY after {events['worker_back_s']} s")
+    events["kill_settled"] = run.wait_for("a correct answer for every client after the replacement",
+                                          run.every_client(events["replaced"]), phase_timeout)
+    return events
+
+
 def run_scenario(server: TorchServe, model: str, inputs: list[ClientInputs], duration: float,
                  scale_at: Optional[float], kill_at: Optional[float], timeout: float = 120.0,
                  log=print) -> dict:
@@ -245,27 +255,10 @@ def run_scenario(server: TorchServe, model: str, inputs: list[ClientInputs], dur
         run.wait_for("a first correct answer for every client", run.every_client(t0), phase_timeout)
         if scale_at is not None:
             wait_until(scale_at)
-            events["scale_start"] = time.monotonic()
-            events["scale_up_s"] = round(scale(server, model, 3), 2)
-            log(f"scaled to 3 workers in {events['scale_up_s']} s")
-            up = time.monotonic()
-            run.wait_for("answers for every client from 3 workers", run.every_client(up), phase_timeout)
-            events["scale_down"] = time.monotonic()
-            events["scale_down_s"] = round(scale(server, model, 1), 2)
-            events["scale_end"] = time.monotonic()
-            log(f"scaled back to 1 worker in {events['scale_down_s']} s")
-            # every request in flight at the scale-down has ended (answered, failed or timed out)
-            events["scale_settled"] = run.wait_for("every client past the scale-down",
-                                                   run.every_client(events["scale_end"], None), phase_timeout)
+            events.update(scale_up_and_down(run, server, model, 3, phase_timeout, log))
         if kill_at is not None:
             wait_until(kill_at)
-            pid, events["kill"] = kill_worker(server, model)
-            log(f"SIGKILL worker pid {pid}")
-            events["replaced"] = wait_for_replacement(server, model, pid)
-            events["worker_back_s"] = round(events["replaced"] - events["kill"], 2)
-            log(f"replacement worker READY after {events['worker_back_s']} s")
-            events["kill_settled"] = run.wait_for("a correct answer for every client after the replacement",
-                                                  run.every_client(events["replaced"]), phase_timeout)
+            events.update(kill_and_replace(run, server, model, phase_timeout, log))
         wait_until(duration)
     finally:
         records = run.stop()

@@ -24,10 +24,12 @@ from image_embedder.response_encoding import encode_response
 from image_embedder.settings import EncoderSettings
 from image_embedder_bench import bench_models
 from image_embedder_bench.bench_client import RunResult, run_clients
-from image_embedder_bench.cases import (ARCHIVES, DECODE_PAYLOADS, DRAFT, IMAGENET, JPEG_LIMITS, LIMIT_BATCHES, NPY,
+from image_embedder_bench.cases import (ARCHIVES, DECODE_PAYLOADS, DRAFT, JPEG_LIMITS, LIMIT_BATCHES, NPY,
                                         PHOTO, SHAPE, Archive, Case, ModelSpec, Payload)
 from image_embedder_testkit.bodies import npy_bytes
 from image_embedder_testkit.checkout import EXAMPLE_MODEL
+from image_embedder_testkit.compare import cosine_min
+from image_embedder_testkit.imagenet import IMAGENET
 from image_embedder_testkit.ts_server import TorchServe
 from image_embedder_tools.build import ArchiveSpec, build_archive
 
@@ -377,11 +379,10 @@ def option_report(spec: ModelSpec, threads: int, batch: int) -> list[dict]:
         except Exception as exc:  # an option this model or machine can't use is reported, not fatal
             rows.append({"model": spec.name, "option": label, "error": f"{type(exc).__name__}: {exc}"})
             continue
-        cos = (got * base).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(base, axis=1))
         rows.append({"model": spec.name, "option": label, "images_per_s": batch / steady, "first_call_s": first,
                      "max_abs": float(np.abs(got - base).max()),
                      "max_rel": float(np.abs(got - base).max() / np.abs(base).max()),
-                     "min_cosine": float(cos.min())})
+                     "min_cosine": cosine_min(got, base)})
     return rows
 
 
@@ -400,7 +401,3 @@ def draft_accuracy(spec: ModelSpec, payloads: dict[str, Payload], threads: int) 
     centre = exact.mean(0)
     return {f"{label}{suffix}": cosine_min(e - c, exact - c)
             for label, e in out.items() for suffix, c in (("", 0.0), (" (centred)", centre))}
-
-
-def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
-    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())

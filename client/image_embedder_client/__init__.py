@@ -8,6 +8,7 @@
 It runs where the requests come from and needs numpy and requests only (`pip install ./client`);
 the manual is client.py's docstring and docs/client.md.
 """
-from image_embedder_client.client import EmbeddingClient, EmbeddingError, TokenError, encode_batch, flatten_images
+from image_embedder_client.client import (ClientOptions, EmbeddingClient, EmbeddingError, TokenError, encode_batch,
+                                          flatten_images)
 
-__all__ = ["EmbeddingClient", "EmbeddingError", "TokenError", "encode_batch", "flatten_images"]
+__all__ = ["ClientOptions", "EmbeddingClient", "EmbeddingError", "TokenError", "encode_batch", "flatten_images"]

@@ -32,7 +32,7 @@ import os
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from typing import Any, Optional, Sequence, Union
 
@@ -162,8 +162,28 @@ def encode_batch(batch: Sequence[Union[np.ndarray, bytes]]) -> dict:
     return {"files": files, "headers": {}}
 
 
+@dataclass(frozen=True)
+class ClientOptions:
+    """EmbeddingClient's parameters as one object, for callers that pass them along (the embed CLI);
+    `EmbeddingClient.from_options(options)` builds the client. Same names and defaults as its constructor."""
+
+    url: str
+    model: str
+    token: Optional[str] = None
+    key_file: Optional[str] = None
+    timeout: float = 120.0
+    retries: int = 5
+    batch_size: int = 16
+    backoff: float = 0.5
+    management_url: Optional[str] = None
+
+
 class EmbeddingClient:
     """Embeds images through a running image-embedder on TorchServe; thread-safe."""
+
+    @classmethod
+    def from_options(cls, options: ClientOptions) -> "EmbeddingClient":
+        return cls(**{f.name: getattr(options, f.name) for f in fields(options)})
 
     def __init__(self, url: str, model: str, token: Optional[str] = None, key_file: Optional[str] = None,
                  timeout: float = 120.0, retries: int = 5, batch_size: int = 16, backoff: float = 0.5,

@@ -60,13 +60,19 @@ def hwc_hint(shape: Sequence[int]) -> str:
 class ImageEncoder:
     """Embeds image batches with the tapped layer of a user's model."""
 
-    def __init__(self, settings: EncoderSettings, model_dir: str = ".", device: Optional[torch.device] = None) -> None:
+    def __init__(self, settings: EncoderSettings, model_dir: str = ".", device: Optional[torch.device] = None,
+                 model: Optional[torch.nn.Module] = None) -> None:
+        """The model is loaded from `settings` (files in `model_dir`), unless the caller already built it with
+        its weights and passes it as `model` (the archive builder, which loaded them to clean them)."""
         self.settings = settings
         self.device = device if device is not None else resolve_device(settings.device)
         self.pass_size = settings.pass_size(self.device.type)
         if settings.num_threads:
             torch.set_num_threads(settings.num_threads)
-        model = ModelSource.from_settings(settings, model_dir).load(str(self.device))
+        if model is None:
+            model = ModelSource.from_settings(settings, model_dir).load(str(self.device))
+        else:
+            model = model.to(self.device).eval()
         if settings.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model

@@ -5,4 +5,5 @@
 - feature_server, kserve_server, example_server: the real servers several test modules share
 - reference: independent reference embeddings (shares no code with the engine)
 - bodies: request bodies (.npy bytes, encoded images); scripted: answers of a stand-in HTTP server
+- imagenet: ImageNet's scale/mean/std; compare: cosine between embeddings; management: list and scale workers
 """

@@ -6,10 +6,10 @@ import io
 import numpy as np
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
-    """`array` as a `.npy` file's bytes (no pickle)."""
+def npy_bytes(array: np.ndarray, allow_pickle: bool = False) -> bytes:
+    """`array` as a `.npy` file's bytes; with `allow_pickle`, an object array pickled (a hostile body)."""
     buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
+    np.save(buf, array, allow_pickle=allow_pickle)
     return buf.getvalue()
 
 

@@ -14,14 +14,13 @@ import torch
 import yaml
 
 from image_embedder_tools.build import ArchiveSpec, build_archive
+from image_embedder_testkit.imagenet import IMAGENET
 from image_embedder_testkit.ts_server import TorchServe
 
 IMAGE_SETTINGS = {
     "resize": 256,
     "center_crop": 224,
-    "scale": 1 / 255,
-    "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225],
+    **IMAGENET,
 }
 MULTI_LAYERS = ["conv2", "conv1"]
 MULTI_SETTINGS = {"pooling": "gem", "gem_p": 2.5, "normalize": True}

@@ -85,6 +85,11 @@ class InProcessModel:
         self.service.set_cl_socket(None)
         self._counter = 0
 
+    @property
+    def handler(self):
+        """The handler instance TorchServe loaded (its `encoder`, `cores`, ...), as a worker holds it."""
+        return self.service._entry_point.__self__
+
     def predict(self, requests: list[Request]) -> list[Response]:
         batch = []
         for req in requests:

@@ -155,12 +155,14 @@ def _clean_name(path: str) -> str:
     return base + ".pth"
 
 
-def prepare_weights(spec: ArchiveSpec, settings: EncoderSettings, root: str, say: Callable[..., None]) -> str:
+def prepare_weights(spec: ArchiveSpec, settings: EncoderSettings, root: str,
+                    say: Callable[..., None]) -> tuple[str, torch.nn.Module]:
     """Find the weights in the user's file, load them into the model, and write them clean into `root`.
 
-    Returns the path of the file the archive holds: the user's own file when it already is the
-    plain state_dict, else the weights alone (no optimizer state, no container, no prefix), in
-    their own dtype, as a torch file or safetensors as the source was.
+    Returns the path of the file the archive holds (the user's own file when it already is the
+    plain state_dict, else the weights alone: no optimizer state, no container, no prefix, in
+    their own dtype, as a torch file or safetensors as the source was) and the model, built from the
+    staged definition file and holding those weights.
     """
     source = spec.state_dict
     assert source is not None
@@ -171,7 +173,7 @@ def prepare_weights(spec: ArchiveSpec, settings: EncoderSettings, root: str, say
         say(f"weights: {line}")
     if report.found.is_plain and not source.endswith(INDEX_SUFFIX):
         shutil.copy2(source, root)
-        return source
+        return source, model
     target = os.path.join(root, _clean_name(source))
     if os.path.exists(target):
         raise ConfigError(f"the clean weights of {source!r} would be named {os.path.basename(target)!r} in the "
@@ -185,7 +187,7 @@ def prepare_weights(spec: ArchiveSpec, settings: EncoderSettings, root: str, say
     before, after = _source_size(source), os.path.getsize(target)
     say(f"weights: the archive holds the weights alone as {os.path.basename(target)}, {_size(after)}; "
         f"{os.path.basename(source)} was {_size(before)}: {100 * (before - after) / before:.0f}% smaller")
-    return target
+    return target, model
 
 
 def build_archive(spec: ArchiveSpec, quiet: bool = False) -> str:
@@ -196,58 +198,56 @@ def build_archive(spec: ArchiveSpec, quiet: bool = False) -> str:
         if not os.path.exists(path):
             raise ConfigError(f"{path!r} does not exist")
     config = merged_model_config(spec.config_file, handler_settings(spec))
-    settings = EncoderSettings.from_mapping(config["handler"])
     if not spec.state_dict:
         say(f"warning: no --state-dict: the archive holds {spec.model_class}'s freshly initialized (untrained) "
             f"weights, unless the model loads its own; its embeddings will mean nothing otherwise")
-
-    from model_archiver.model_archiver_config import ModelArchiverConfig
-    from model_archiver.model_packaging import generate_model_archive
-
-    with tempfile.TemporaryDirectory(prefix="mar-build-") as work:
-        root = os.path.join(work, "root")  # the archive's root as a worker will see it
-        os.makedirs(root)
+    with tempfile.TemporaryDirectory(prefix="mar-build-") as root:  # the archive's root as a worker will see it
         _stage([spec.model_file, *spec.extra_files], root)
         with _named_as_given(root, given):
-            weights = prepare_weights(spec, settings, root, say) if spec.state_dict else None
-            handler = {k: v for k, v in config["handler"].items() if k not in UNWRAP_SETTINGS}
-            if weights:
-                handler.update(model_state_dict_path=os.path.basename(weights), sha256=file_sha256(weights))
-            config["handler"] = handler
-            # load the model exactly as a worker will, from the staged archive root
-            encoder = ImageEncoder(EncoderSettings.from_mapping(handler), root)
-        say(f"model {spec.model_class} from {spec.model_file}: layer(s) {handler['layer_name']} resolved"
-            + (", weights loaded" if weights else ""))
-        if encoder.embedding_dim is not None:
-            say(f"one forward pass on {list(spec.input_shape or settings.input_shape or [])}: "
-                f"embedding size {encoder.embedding_dim}")
-
-        package_root = os.path.join(work, "package")
-        shutil.copytree(ENGINE_DIR, os.path.join(package_root, os.path.basename(ENGINE_DIR)),
+            config["handler"] = _check_model(spec, config["handler"], root, say)
+        shutil.copy(HANDLER_FILE, root)
+        shutil.copytree(ENGINE_DIR, os.path.join(root, os.path.basename(ENGINE_DIR)),
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        config_path = os.path.join(work, "model-config.yaml")
-        with open(config_path, "w") as f:
-            yaml.safe_dump(config, f, sort_keys=False)
-        os.makedirs(spec.export_path, exist_ok=True)
-        files = [spec.model_file, *([weights] if weights else []), *spec.extra_files, package_root]
-        # The archiver stages files in <gettempdir()>/<name> and deletes it afterwards: two builds of
-        # the same name at once (parallel test runs, serve.sh) would delete each other's files.
-        shared_tmp, tempfile.tempdir = tempfile.tempdir, work
-        try:
-            generate_model_archive(ModelArchiverConfig(
-                model_name=spec.name,
-                handler=HANDLER_FILE,
-                version="1.0",
-                extra_files=",".join(files),
-                export_path=spec.export_path,
-                force=True,
-                config_file=config_path,
-            ))
-        finally:
-            tempfile.tempdir = shared_tmp
-    path = os.path.join(spec.export_path, f"{spec.name}.mar")
+        path = _write_archive(spec, config, root)
     say(f"wrote {path}")
     return path
+
+
+def _check_model(spec: ArchiveSpec, handler: dict[str, Any], root: str, say: Callable[..., None]) -> dict[str, Any]:
+    """Build the model once from the staged `root`, with the user's weights cleaned into it, resolve its
+    layers and (with an input shape) run it once; returns the archive's `handler:` section."""
+    settings = EncoderSettings.from_mapping(handler)
+    weights, model = prepare_weights(spec, settings, root, say) if spec.state_dict else (None, None)
+    handler = {k: v for k, v in handler.items() if k not in UNWRAP_SETTINGS}
+    if weights:
+        handler.update(model_state_dict_path=os.path.basename(weights), sha256=file_sha256(weights))
+    encoder = ImageEncoder(EncoderSettings.from_mapping(handler), root, model=model)
+    say(f"model {spec.model_class} from {spec.model_file}: layer(s) {handler['layer_name']} resolved"
+        + (", weights loaded" if weights else ""))
+    if encoder.embedding_dim is not None:
+        say(f"one forward pass on {list(spec.input_shape or settings.input_shape or [])}: "
+            f"embedding size {encoder.embedding_dim}")
+    return handler
+
+
+def _write_archive(spec: ArchiveSpec, config: dict[str, Any], root: str) -> str:
+    """Zip `root` with `config` as model-config.yaml and the manifest into `<export_path>/<name>.mar`.
+
+    torch-model-archiver's own entry point would copy everything again into <gettempdir()>/<name> and
+    delete that folder afterwards (two builds of one name at once would delete each other's files), so
+    only its manifest writer and zipper are used, over the folder already staged here.
+    """
+    from model_archiver.model_archiver_config import ModelArchiverConfig
+    from model_archiver.model_packaging_utils import ModelExportUtils
+
+    config_path = os.path.join(root, "model-config.yaml")
+    with open(config_path, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    archiver = ModelArchiverConfig(model_name=spec.name, handler=HANDLER_FILE, version="1.0",
+                                   export_path=spec.export_path, force=True, config_file=config_path)
+    os.makedirs(spec.export_path, exist_ok=True)
+    ModelExportUtils.archive(spec.export_path, spec.name, root, ModelExportUtils.generate_manifest_json(archiver))
+    return ModelExportUtils.get_archive_export_path(spec.export_path, spec.name, "default")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

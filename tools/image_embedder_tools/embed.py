@@ -21,12 +21,12 @@ import os
 import shutil
 import sys
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Union
+from dataclasses import dataclass, replace
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from image_embedder_client import EmbeddingClient, EmbeddingError, TokenError
+from image_embedder_client import ClientOptions, EmbeddingClient, EmbeddingError, TokenError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CHECKPOINT = "checkpoint"
@@ -39,30 +39,28 @@ class ClientError(RuntimeError):
 
 @dataclass(frozen=True)
 class RunSettings:
-    """One run of embed.py: what to embed, where to write, and how to talk to the server."""
+    """One run of embed.py: what to embed, where to write, and how to talk to the server (`client`,
+    whose `batch_size` is also the checkpoint's batch)."""
 
     inputs: Sequence[str]
     out: str
-    url: str = "http://127.0.0.1:8080"
-    model: str = "encoder"
-    token: Optional[str] = None
-    key_file: Optional[str] = None
-    management_url: Optional[str] = None
-    batch_size: int = 16
+    client: ClientOptions
     concurrency: int = 4
     fmt: str = "npy"
-    retries: int = 6
-    backoff: float = 0.5
-    timeout: float = 300.0
     restart: bool = False
     max_batches: Optional[int] = None
     quiet: bool = False
 
-    def client(self) -> EmbeddingClient:
-        key_file = self.key_file or (None if self.token or not os.path.exists("key_file.json") else "key_file.json")
-        return EmbeddingClient(self.url, self.model, token=self.token, key_file=key_file, timeout=self.timeout,
-                               retries=self.retries, batch_size=self.batch_size, backoff=self.backoff,
-                               management_url=self.management_url)
+    @property
+    def batch_size(self) -> int:
+        return self.client.batch_size
+
+    def connect(self) -> EmbeddingClient:
+        """The client; with neither a token nor a key file, ./key_file.json when there is one."""
+        options = self.client
+        if not options.key_file and not options.token and os.path.exists("key_file.json"):
+            options = replace(options, key_file="key_file.json")
+        return EmbeddingClient.from_options(options)
 
 
 @dataclass(frozen=True)
@@ -243,43 +241,57 @@ def run(settings: RunSettings) -> dict:
     resumed = sum(len(plan[i]) for i in range(len(plan)) if checkpoint.done(i))
     if settings.max_batches is not None:
         pending = pending[: settings.max_batches]
-    client = settings.client()
+    client = settings.connect()
     bar = _progress(len(items), resumed, settings.quiet)
-    sent = 0
-    todo: Iterator[int] = iter(pending)
     try:
-        with ThreadPoolExecutor(max_workers=settings.concurrency) as pool:
-            running: dict[Future, int] = {}
-
-            def submit_next() -> None:
-                index = next(todo, None)
-                if index is not None:
-                    running[pool.submit(embed_batch, client, plan[index])] = index
-
-            for _ in range(settings.concurrency * 2):  # a bounded window: memory stays flat on big inputs
-                submit_next()
-            while running:
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    index = running.pop(future)
-                    checkpoint.save(index, future.result())
-                    sent += len(plan[index])
-                    bar.update(len(plan[index]))
-                    submit_next()
+        sent = _send(client, plan, pending, checkpoint, bar, settings.concurrency)
     finally:
         bar.close()
         client.close()
     summary = {"items": len(items), "resumed": resumed, "embedded": sent, "retries": client.retried,
                "complete": all(checkpoint.done(i) for i in range(len(plan))), "outputs": []}
     if summary["complete"]:
-        embeddings = np.concatenate([checkpoint.load(i) for i in range(len(plan))])
-        summary["outputs"] = write_output(settings.out, [i.name for i in items], embeddings, settings.fmt)
-        summary["dim"] = int(embeddings.shape[1])
-        with open(os.path.join(settings.out, DONE), "w") as f:
-            json.dump({"digest": digest, "items": len(items), "dim": summary["dim"],
-                       "outputs": summary["outputs"]}, f)
-        shutil.rmtree(checkpoint.folder, ignore_errors=True)
+        summary.update(_finish(settings, items, len(plan), checkpoint, digest))
     return summary
+
+
+def _send(client: EmbeddingClient, plan: Sequence[Sequence[Item]], pending: Sequence[int], checkpoint: Checkpoint,
+          bar: Any, concurrency: int) -> int:
+    """Embed the `pending` batches of `plan`, `concurrency` at once, each checkpointed as it arrives;
+    returns how many images were sent."""
+    sent = 0
+    todo: Iterator[int] = iter(pending)
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        running: dict[Future, int] = {}
+
+        def submit_next() -> None:
+            index = next(todo, None)
+            if index is not None:
+                running[pool.submit(embed_batch, client, plan[index])] = index
+
+        for _ in range(concurrency * 2):  # a bounded window: memory stays flat on big inputs
+            submit_next()
+        while running:
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                index = running.pop(future)
+                checkpoint.save(index, future.result())
+                sent += len(plan[index])
+                bar.update(len(plan[index]))
+                submit_next()
+    return sent
+
+
+def _finish(settings: RunSettings, items: Sequence[Item], batches_done: int, checkpoint: Checkpoint,
+            digest: str) -> dict:
+    """Write the output from every checkpointed batch, record the finished run, drop the checkpoint."""
+    embeddings = np.concatenate([checkpoint.load(i) for i in range(batches_done)])
+    outputs = write_output(settings.out, [i.name for i in items], embeddings, settings.fmt)
+    dim = int(embeddings.shape[1])
+    with open(os.path.join(settings.out, DONE), "w") as f:
+        json.dump({"digest": digest, "items": len(items), "dim": dim, "outputs": outputs}, f)
+    shutil.rmtree(checkpoint.folder, ignore_errors=True)
+    return {"outputs": outputs, "dim": dim}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -307,11 +319,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in ("batch_size", "concurrency"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    settings = RunSettings(
-        inputs=args.inputs, out=args.out, url=args.url, model=args.model, token=args.token, key_file=args.key_file,
-        management_url=args.management_url, batch_size=args.batch_size, concurrency=args.concurrency,
-        fmt=args.format, retries=args.retries, backoff=args.backoff, timeout=args.timeout, restart=args.restart,
-        max_batches=args.max_batches, quiet=args.quiet)
+    client = ClientOptions(args.url, args.model, token=args.token, key_file=args.key_file, timeout=args.timeout,
+                           retries=args.retries, batch_size=args.batch_size, backoff=args.backoff,
+                           management_url=args.management_url)
+    settings = RunSettings(args.inputs, args.out, client, concurrency=args.concurrency, fmt=args.format,
+                           restart=args.restart, max_batches=args.max_batches, quiet=args.quiet)
     try:
         summary = run(settings)
     except (ClientError, TokenError) as exc:
