@@ -33,7 +33,9 @@ import requests
 import yaml
 
 from image_embedder.npy_codec import read_npy
+from image_embedder_testkit.bodies import npy_bytes
 from image_embedder_testkit.checkout import EXAMPLE_MODEL
+from image_embedder_testkit.imagenet import IMAGENET
 from image_embedder_testkit.ts_server import TorchServe, free_ports
 from image_embedder_tools.build import ArchiveSpec, build_archive
 
@@ -45,8 +47,7 @@ from .limits import Engine
 QUIET_LOAD = 1.5
 SHAPE = (3, 224, 224)
 NPY = "application/x-npy"
-SERVER_SIDE = {"scale": 1 / 255, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-               "resize": 256, "center_crop": 224}  # every archive: uint8 pixels and JPEGs mean the same
+SERVER_SIDE = {**IMAGENET, "resize": 256, "center_crop": 224}  # every archive: uint8 pixels and JPEGs mean the same
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,14 +126,10 @@ def make_payloads(quick: bool) -> dict:
 
 def http_body(images) -> tuple[bytes, dict]:
     """The body and headers our server gets: .npy for arrays, multipart for JPEGs; .npy back."""
-    import io
-
     import urllib3
 
     if isinstance(images, np.ndarray):
-        buf = io.BytesIO()
-        np.save(buf, images if len(images) > 1 else images[0], allow_pickle=False)
-        return buf.getvalue(), {"Content-Type": NPY, "Accept": NPY}
+        return npy_bytes(images if len(images) > 1 else images[0]), {"Content-Type": NPY, "Accept": NPY}
     body, content_type = urllib3.encode_multipart_formdata(
         [(f"img{i}", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(images)])
     return body, {"Content-Type": content_type, "Accept": NPY}

@@ -111,9 +111,9 @@ class EmbeddingAPI(ls.LitAPI):
 def request_body(array: np.ndarray | None = None, jpegs: tuple = ()) -> bytes:
     """A request as this peer's client sends it."""
     if array is not None:
-        buf = io.BytesIO()
-        np.save(buf, array, allow_pickle=False)
-        return json.dumps({"npy": base64.b64encode(buf.getvalue()).decode()}).encode()
+        from image_embedder_testkit.bodies import npy_bytes
+
+        return json.dumps({"npy": base64.b64encode(npy_bytes(array)).decode()}).encode()
     return json.dumps({"jpegs": [base64.b64encode(j).decode() for j in jpegs]}).encode()
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import itertools
 import json
 import os
@@ -71,12 +70,12 @@ def parse_mix(text: str) -> list[str]:
 
 def bodies(seed: int = 0) -> dict[str, tuple[bytes, str, int]]:
     """Each kind's body, Content-Type and expected status."""
+    from image_embedder_testkit.bodies import npy_bytes
+
     from .bench_photos import jpegs
 
     rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    np.save(buf, rng.integers(0, 256, (4, 3, 224, 224), dtype=np.uint8), allow_pickle=False)
-    return {"npy4": (buf.getvalue(), "application/x-npy", 200),
+    return {"npy4": (npy_bytes(rng.integers(0, 256, (4, 3, 224, 224), dtype=np.uint8)), "application/x-npy", 200),
             "jpeg": (jpegs(1, 640, 480, seed)[0], "image/jpeg", 200),
             "garbage": (rng.integers(0, 256, 2048, dtype=np.uint8).tobytes(), "application/x-npy", 400)}
 
