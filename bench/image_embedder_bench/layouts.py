@@ -327,6 +327,14 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return args
 
 
+def run_rounds(rows: list[Row], rounds: int) -> None:
+    """Every row once per round, in a fixed order: load from elsewhere hits every row alike."""
+    for r in range(rounds):
+        print(f"round {r + 1}/{rounds} (load average {os.getloadavg()[0]:.2f}) ...", flush=True)
+        for row in rows:
+            row.rates.append(row.run())
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     load_before = os.getloadavg()[0]
@@ -355,10 +363,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                     server, peer, args)
             rows += mine
             problems += found
-        for r in range(args.rounds):
-            print(f"round {r + 1}/{args.rounds} (load average {os.getloadavg()[0]:.2f}) ...", flush=True)
-            for row in rows:
-                row.rates.append(row.run())
+        run_rounds(rows, args.rounds)
         rss = {name: worker_rss_mb(server, name) for name in workers}
         results = report(rows, cases, rss, (load_before, os.getloadavg()[0]), args)
         results["errors"] = problems + [e for r in rows for e in r.errors]
