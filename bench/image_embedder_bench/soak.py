@@ -98,13 +98,14 @@ def client(url: str, headers: dict, order: list[str], payloads: dict, stop: thre
 def worker_pids(management_url: str, model: str, headers: dict) -> list[int]:
     r = requests.get(f"{management_url}/models/{model}", headers=headers, timeout=30)
     r.raise_for_status()
-    return [int(w["pid"]) for w in r.json()[0].get("workers", []) if w.get("pid")]
+    # a worker that is (re)starting is listed with pid -1: nothing to sample yet
+    return [pid for pid in (int(w.get("pid") or -1) for w in r.json()[0].get("workers", [])) if pid > 0]
 
 
 def rss_mb(pid: int) -> Optional[float]:
     try:
         return psutil.Process(pid).memory_info().rss / 2**20
-    except psutil.Error:
+    except (psutil.Error, ValueError):  # gone since it was listed
         return None
 
 
