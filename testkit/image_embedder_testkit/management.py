@@ -22,9 +22,18 @@ def scale(server: TorchServe, model: str, count: int, timeout: float = 180.0, sy
     Else it may answer 202/206 ("in progress") at once, and the workers are polled until exactly
     `count` are left (a scale-down's stopping workers gone). RuntimeError on any other answer."""
     start = time.monotonic()
-    params = {"min_worker": count, "max_worker": count, **({"synchronous": "true"} if synchronous else {})}
-    r = requests.put(f"{server.management_url}/models/{model}", params=params,
-                     headers=server.headers("management"), timeout=timeout)
+
+    def ask(wait: bool) -> requests.Response:
+        params = {"min_worker": count, "max_worker": count, **({"synchronous": "true"} if wait else {})}
+        return requests.put(f"{server.management_url}/models/{model}", params=params,
+                            headers=server.headers("management"), timeout=timeout)
+
+    r = ask(synchronous)
+    if synchronous and r.status_code >= 500:
+        # TorchServe 0.12 can fail a synchronous scale-down under load with its own NullPointerException
+        # (a stopping worker's thread finds no job: "Job.isControlCmd() ... job is null"). Scaling is
+        # idempotent: ask again without waiting, and wait for the workers here instead.
+        r, synchronous = ask(False), False
     if r.status_code not in ((200,) if synchronous else (200, 202, 206)):
         raise RuntimeError(f"scaling {model} to {count} failed: {r.status_code} {r.text[:300]}")
     if synchronous:
@@ -35,4 +44,5 @@ def scale(server: TorchServe, model: str, count: int, timeout: float = 180.0, sy
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{model} still has {workers(server, model)} after {timeout}s, not {count} workers")
             time.sleep(0.2)
+        server.wait_for_workers(model, count, timeout=max(1.0, deadline - time.monotonic()))
     return time.monotonic() - start
