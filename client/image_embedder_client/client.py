@@ -12,9 +12,11 @@ Large inputs go out `batch_size` images per request. Arrays travel as `.npy` (ui
 integer array's values fit 0..255, else float32: float arrays keep their values exactly), encoded images as they are (multipart, one part
 per image), and the answer comes back as `.npy` (`Accept: application/x-npy`).
 
-Retried, because embedding is idempotent: dropped or reset connections and timeouts, 503 (busy),
-507 (out of memory) -- by urllib3's `Retry` with exponential backoff -- and TorchServe 0.12's 500
-"Worker died." (a batch lost with a worker that was killed or scaled down, pytorch/serve#1101).
+Retried, because embedding is idempotent: dropped or reset connections and timeouts (by urllib3's
+`Retry`), and 503 (busy), 507 (out of memory) and TorchServe 0.12's 500 "Worker died." (a batch lost
+with a worker that was killed or scaled down, pytorch/serve#1101), with exponential backoff, each on a
+new connection: TorchServe can still write a lost batch's late answer on the old one, where the
+next request would read it as its own.
 
 Tokens (TorchServe's token authorization, docs/auth.md): `token=` is sent as it is; `key_file=`
 is read for the inference key and read again whenever the server refuses it (a restarted server or a
@@ -210,9 +212,10 @@ class EmbeddingClient:
 
     # --- transport -------------------------------------------------------------------------------
     def _retry(self) -> Retry:
-        """Connection errors, resets, read timeouts and 503/507, for every method (embedding is idempotent)."""
-        return Retry(total=self.retries, connect=self.retries, read=self.retries, status=self.retries, other=0,
-                     allowed_methods=None, status_forcelist=(503, 507), backoff_factor=self.backoff,
+        """Connection errors, resets and read timeouts, for every method (embedding is idempotent). Statuses
+        are retried by `_send`, on a new connection."""
+        return Retry(total=self.retries, connect=self.retries, read=self.retries, status=0, other=0,
+                     allowed_methods=None, status_forcelist=(), backoff_factor=self.backoff,
                      backoff_max=30.0, respect_retry_after_header=True, raise_on_status=False)
 
     def _session(self) -> requests.Session:
@@ -245,11 +248,11 @@ class EmbeddingClient:
             if self._is_auth_refusal(response) and refreshed < 2 and self._refresh(token):
                 refreshed += 1  # a fresh key (bounded: a file for another server must not loop)
                 continue
-            if self._lost_worker(response):
-                # TorchServe can still write the lost batch's late answer on this keep-alive connection,
+            if response.status_code >= 500:
+                # TorchServe can still write a lost batch's late answer on this keep-alive connection,
                 # where the next request would read it as its own: never reuse the connection.
                 self._session().close()
-            if self._lost_worker(response) and attempt < self.retries:
+            if (response.status_code in (503, 507) or self._lost_worker(response)) and attempt < self.retries:
                 attempt += 1
                 self._count_retries(1)
                 time.sleep(min(30.0, self.backoff * 2 ** (attempt - 1)) * (0.5 + random.random()))
