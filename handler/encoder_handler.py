@@ -72,10 +72,9 @@ class EmbeddingHandler(BaseHandler):
                 torch.set_num_threads(max(1, available_cores() // workers))
         self.encoder = ImageEncoder(settings, model_dir, self.device)
         self.model = self.encoder.model
-        if self.cores is not None:
-            self.encoder.before_pass = self.cores.refresh
         self.image_decoder = ImageDecoder.from_settings(settings)
-        if self.cores is not None:  # decoding shares the same cores: as many at once as torch threads
+        if self.cores is not None:  # sized before every pass; decoding as many at once as torch threads
+            self.encoder.before_pass = self.cores.refresh
             self.image_decoder.budget = torch.get_num_threads
         self.decodes_images = importlib.util.find_spec("PIL") is not None  # else images get 415
         self.model_name = context.model_name

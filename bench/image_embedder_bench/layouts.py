@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
-import psutil
 import requests
 import yaml
 
@@ -36,6 +35,7 @@ from image_embedder.npy_codec import read_npy
 from image_embedder_testkit.bodies import npy_bytes
 from image_embedder_testkit.checkout import EXAMPLE_MODEL
 from image_embedder_testkit.imagenet import IMAGENET
+from image_embedder_testkit.management import workers
 from image_embedder_testkit.ts_server import TorchServe, free_ports
 from image_embedder_tools.build import ArchiveSpec, build_archive
 
@@ -43,6 +43,7 @@ from . import bench_models, limits
 from .bench_client import RunResult, run_clients
 from .bench_photos import jpegs
 from .limits import Engine
+from .soak import rss_mb
 
 QUIET_LOAD = 1.5
 SHAPE = (3, 224, 224)
@@ -204,14 +205,8 @@ def start_peer(engine: Engine) -> tuple[subprocess.Popen, str]:
 
 def worker_rss_mb(server: TorchServe, name: str) -> list[float]:
     """Resident memory of each worker process of one archive (TorchServe's describe lists their pids)."""
-    r = requests.get(f"{server.management_url}/models/{name}", headers=server.headers("management"), timeout=30)
-    out = []
-    for worker in r.json()[0].get("workers", []):
-        try:
-            out.append(psutil.Process(int(worker["pid"])).memory_info().rss / 2**20)
-        except (KeyError, ValueError, psutil.Error):
-            pass
-    return out
+    rss = (rss_mb(int(w.get("pid") or -1)) for w in workers(server, name))
+    return [mb for mb in rss if mb is not None]
 
 
 # -- rows --------------------------------------------------------------------------------------
