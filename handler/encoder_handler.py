@@ -25,6 +25,7 @@ import torch
 from ts.handler_utils.timer import timed
 from ts.torch_handler.base_handler import BaseHandler
 
+from image_embedder.allocator import limit_arenas
 from image_embedder.encoder import ImageEncoder, resolve_device
 from image_embedder.errors import RequestError
 from image_embedder.image_decoding import ImageDecoder
@@ -57,6 +58,9 @@ class EmbeddingHandler(BaseHandler):
         properties = context.system_properties
         model_config = getattr(context, "model_yaml_config", None) or {}
         settings = EncoderSettings.from_mapping(model_config.get("handler"))
+        arenas = limit_arenas(settings.malloc_arena_max)  # before the decode and torch threads allocate
+        if arenas:
+            logger.info(arenas)
         self.device = resolve_device(settings.device, properties.get("gpu_id"))
         model_dir = properties.get("model_dir") or "."
         self.cores: Optional[CoreShare] = None

@@ -59,6 +59,7 @@ class EncoderSettings:
     strip_prefix: Optional[str] = None
     checkpoint_detect: bool = True
     keep_weights_dtype: bool = False  # True: run in the weights' dtype instead of casting to the model's
+    malloc_arena_max: int = 2  # glibc malloc arenas per worker (allocator.py); 0: glibc's default, 8 per core
 
     def pass_size(self, device_type: str) -> int:
         """The most images in one forward pass: the setting, else the original's 32 on a GPU and
@@ -142,6 +143,11 @@ def _positive_int(name: str, value: Any) -> None:
 def _positive_number(name: str, value: Any) -> None:
     if not _is_number(value) or value <= 0:
         raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+
+def _count(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
 
 
 def _number(name: str, value: Any) -> None:
@@ -235,5 +241,6 @@ CHECKS: dict[str, Check] = {
     "strip_prefix": _optional(_string),
     "checkpoint_detect": _boolean,
     "keep_weights_dtype": _boolean,
+    "malloc_arena_max": _count,
     "sha256": _optional(_sha256),
 }
