@@ -184,8 +184,9 @@ def plot(rows: list, path: str, title: str) -> None:
     plt.close(fig)
 
 
-def build_example(store: str) -> str:
-    """The example model served with server-side resize/crop/scale, batching 8 / 10 ms, one worker per core."""
+def build_example(store: str, settings: Optional[dict] = None) -> str:
+    """The example model served with server-side resize/crop/scale (and `settings`), batching 8 / 10 ms,
+    one worker per core."""
     import subprocess
 
     import yaml
@@ -201,7 +202,8 @@ def build_example(store: str) -> str:
     with open(config, "w") as f:
         yaml.safe_dump({"batchSize": 8, "maxBatchDelay": 10, "responseTimeout": 120}, f)
     return build_archive(ArchiveSpec(model_file, "CustomModel", weights, "conv1", input_shape=[3, 224, 224],
-                                     name="encoder", export_path=store, config_file=config, settings=SETTINGS),
+                                     name="encoder", export_path=store, config_file=config,
+                                     settings={**SETTINGS, **(settings or {})}),
                          quiet=True)
 
 

@@ -37,12 +37,17 @@ class UnwrapOptions:
     strip_prefix: Optional[str] = None  # "" = strip nothing
     detect: bool = True  # False: what is not given is the top level and no prefix
     keep_dtype: bool = False  # True: the model takes the weights' dtype instead of casting them
+    ignore_keys: tuple[str, ...] = ()  # weights (named as the model names them) starting with these are dropped
 
     @classmethod
     def from_settings(cls, settings: Any) -> "UnwrapOptions":
         """The options from EncoderSettings (or anything with the same attributes)."""
         return cls(settings.checkpoint_key, settings.strip_prefix, settings.checkpoint_detect,
-                   settings.keep_weights_dtype)
+                   settings.keep_weights_dtype, tuple(getattr(settings, "ignore_keys", ()) or ()))
+
+    def drops(self, key: str) -> bool:
+        """`key` (prefix already stripped) is one of the weights ignore_keys leaves out."""
+        return key.startswith(self.ignore_keys) if self.ignore_keys else False
 
 
 @dataclass(frozen=True)
@@ -77,18 +82,19 @@ class Unwrapped:
     state: dict[str, torch.Tensor]
     reading: Reading
     ignored: list[str] = field(default_factory=list)  # entries outside the chosen weights
+    dropped: list[str] = field(default_factory=list)  # weights left out by ignore_keys
 
     @property
     def is_plain(self) -> bool:
-        """The file already was the plain state_dict (nothing taken, stripped or ignored)."""
-        return not self.reading.path and not self.reading.prefix and not self.ignored
+        """The file already was the plain state_dict (nothing taken, stripped, ignored or dropped)."""
+        return not self.reading.path and not self.reading.prefix and not self.ignored and not self.dropped
 
     def summary(self) -> str:
         what = "a plain state_dict" if self.is_plain else self.reading.describe()
         text = f"{what}: {len(self.state)} tensors"
-        if self.ignored:
-            shown = ", ".join(self.ignored[:8]) + (" ..." if len(self.ignored) > 8 else "")
-            text += f"; ignored {shown}"
+        for verb, names in (("ignored", self.ignored), ("dropped (ignore_keys)", self.dropped)):
+            if names:
+                text += f"; {verb} " + ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
         return text
 
 
@@ -188,7 +194,7 @@ def unwrap(content: Mapping[str, Any], model_keys: Sequence[str], options: Unwra
         elif not options.detect:
             prefixes = [""]
         for prefix in prefixes:
-            if _selected(tensors, prefix) == expected:
+            if _kept(_selected(tensors, prefix), options) == expected:
                 matches.append(Reading(path, prefix))
     if len(matches) > 1:
         choices = "; ".join(f"{m.describe()} ({m.as_flags()})" for m in matches)
@@ -208,8 +214,10 @@ def unwrap(content: Mapping[str, Any], model_keys: Sequence[str], options: Unwra
             f"({reading.describe()}) but are {type(container[strays[0]]).__name__}, not tensors"
         )
     state = {k[len(reading.prefix):]: container[k] for k in inside}
-    ignored = _ignored(content, reading)
-    return Unwrapped(state, reading, ignored)
+    dropped = sorted(k for k in state if options.drops(k))
+    for key in dropped:
+        del state[key]
+    return Unwrapped(state, reading, _ignored(content, reading), dropped)
 
 
 def _containers(obj: Mapping[str, Any], path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Mapping]]:
@@ -228,6 +236,10 @@ def _tensors(container: Mapping) -> dict[str, torch.Tensor]:
 
 def _selected(tensors: Mapping[str, torch.Tensor], prefix: str) -> set[str]:
     return {k[len(prefix):] for k in tensors if k.startswith(prefix)}
+
+
+def _kept(keys: set[str], options: UnwrapOptions) -> set[str]:
+    return {k for k in keys if not options.drops(k)}
 
 
 def _prefix_candidates(tensors: Mapping[str, torch.Tensor], expected: set[str]) -> list[str]:
@@ -275,15 +287,16 @@ def _mismatch(containers: dict, expected: set[str], options: UnwrapOptions, sour
         tensors = _tensors(container)
         prefixes = set(_prefix_candidates(tensors, expected)) | _common_prefixes(tensors)
         for prefix in sorted(prefixes):
-            score = len(_selected(tensors, prefix) & expected) - len(_selected(tensors, prefix) - expected)
+            selected = _kept(_selected(tensors, prefix), options)
+            score = len(selected & expected) - len(selected - expected)
             if score > best_score or (score == best_score and Reading(path, prefix) == asked):
                 best, best_score = Reading(path, prefix), score
     shown = asked if asked.path in containers else Reading((), "")
-    message = f"{source} do not match the model ({shown.describe()}): " + _key_diff(
-        _selected(_tensors(containers[shown.path]), shown.prefix), expected)
+    shown_keys = _kept(_selected(_tensors(containers[shown.path]), shown.prefix), options)
+    message = f"{source} do not match the model ({shown.describe()}): " + _key_diff(shown_keys, expected)
     if best == shown:
-        return message
-    selected = _selected(_tensors(containers[best.path]), best.prefix)
+        return message + _drop_hint(shown_keys, expected)
+    selected = _kept(_selected(_tensors(containers[best.path]), best.prefix), options)
     if selected == expected:
         tensors = _tensors(containers[best.path])
         lead = (f"Every key{' of `' + '/'.join(best.path) + '`' if best.path else ''} starts with `{best.prefix}`: every"
@@ -293,6 +306,23 @@ def _mismatch(containers: dict, expected: set[str], options: UnwrapOptions, sour
     return (message + f". The closest reading, {best.describe()}, matches {len(selected & expected)} of "
             f"{len(expected)} model keys ({best.as_flags()}): " + _key_diff(selected, expected)
             + "; a partial load is never done")
+
+
+def _drop_hint(given: set[str], expected: set[str]) -> str:
+    """When every model key is there with more beside it: the --ignore-keys flags that drop exactly the rest."""
+    extra = given - expected
+    if not extra or not expected <= given:
+        return ""
+    prefixes = set()
+    for key in extra:  # the shortest dotted prefix of the key that no model key starts with, else the key
+        cut = key.find(".")
+        while cut != -1 and any(k.startswith(key[: cut + 1]) for k in expected):
+            cut = key.find(".", cut + 1)
+        prefixes.add(key[: cut + 1] if cut != -1 else key)
+    prefixes = sorted(p for p in prefixes if not any(p != q and p.startswith(q) for q in prefixes))
+    flags = " ".join(f"--ignore-keys {p}" for p in prefixes)
+    return (f". Every model key is there, with {len(extra)} more the model does not have: "
+            f"to drop exactly those, add {flags} (handler setting ignore_keys: {prefixes})")
 
 
 def _fix_words(reading: Reading) -> str:

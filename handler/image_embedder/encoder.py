@@ -13,10 +13,11 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .errors import ConfigError, RequestError, bad_request
+from .errors import ConfigError, RequestError, as_answer, bad_request
 from .layer_tap import LayerTap
 from .loading import ModelSource
 from .pooling import Pooling, pool_layers
+from .preprocessing import summary as preprocessing_summary
 from .settings import EncoderSettings
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -201,8 +202,8 @@ class ImageEncoder:
                 batch = self.prepare([requests[r][p] for r, p in members])
                 embeddings = self.embed_prepared(batch)
             except RequestError as exc:
-                exc = RequestError(exc.status, exc.kind, exc.message + hwc_hint(shape)) if hwc_hint(shape) else exc
-                failures.update({r: exc for r, _ in members})
+                error = RequestError(exc.status, exc.kind, exc.message + hwc_hint(shape)) if hwc_hint(shape) else exc
+                failures.update({r: as_answer(error) for r, _ in members})
                 continue
             except torch.OutOfMemoryError as exc:
                 failures.update({r: RequestError(507, "OutOfMemory", f"out of memory for images of shape {shape}: {exc}") for r, _ in members})
@@ -250,6 +251,7 @@ class ImageEncoder:
                 "scale": s.scale,
                 "mean": list(s.mean) if s.mean is not None else None,
                 "std": list(s.std) if s.std is not None else None,
+                "summary": preprocessing_summary(s),
             },
             "limits": {"max_images_per_request": s.max_images_per_request, "max_batch_pixels": s.max_batch_pixels},
         }

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 
 class ConfigError(ValueError):
@@ -31,6 +32,24 @@ class RequestError(Exception):
         if self.kserve_v2:
             doc["error"] = self.message
         return json.dumps(doc)
+
+
+def as_answer(error: RequestError) -> RequestError:
+    """`error`, to be kept as a request's answer, with the tracebacks of its chain dropped.
+
+    A traceback holds the frames it passed through and, through their callers, the whole batch:
+    every body, array and the list of answers that holds the error itself. That reference cycle is
+    freed only by Python's rare full collection, so a worker's memory climbed with each refusal
+    batched beside large requests (docs/reliability.md#memory-over-hours)."""
+    chain: list[Optional[BaseException]] = [error]
+    seen: set[int] = set()
+    while chain:
+        link = chain.pop()
+        if link is not None and id(link) not in seen:
+            seen.add(id(link))
+            link.__traceback__ = None
+            chain += [link.__cause__, link.__context__]
+    return error
 
 
 def bad_request(message: str, kind: str = "BadRequest") -> RequestError:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from .decoded_request import images_unsupported
-from .errors import RequestError, bad_request
+from .errors import RequestError, as_answer, bad_request
 from .worker_threads import available_cores
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -164,7 +164,9 @@ class ImageDecoder:
             if future.set_running_or_notify_cancel():  # False: the batch moved on and cancelled it
                 try:
                     future.set_result(self.decode(body))
-                except BaseException as exc:  # handed to the request that reads it
+                except RequestError as exc:  # handed to the request that reads it, without this frame
+                    future.set_exception(as_answer(exc))
+                except BaseException as exc:  # a decoder bug: its traceback is logged by the reader
                     future.set_exception(exc)
 
     def decode(self, data: bytes | bytearray, where: str = "image") -> np.ndarray:

@@ -28,7 +28,7 @@ from . import kserve_v2
 from .decoded_request import (
     DecodedRequest, DecodeImage, Describe, base64_bytes, check_images, decode_image, images_unsupported, json_numbers,
 )
-from .errors import RequestError, bad_request
+from .errors import RequestError, as_answer, bad_request
 from .image_decoding import ImageDecoder
 from .npy_codec import NPY_MAGIC, read_npy
 from .settings import EncoderSettings
@@ -67,11 +67,11 @@ def decode(row: dict, headers: Mapping[str, Any], image_decoder: Optional[Decode
     try:
         request = _decode_row(row, headers, image_decoder)
     except RequestError as exc:
-        return exc
+        return as_answer(exc)
     try:
         check_request_limits(request, settings.max_images_per_request, settings.max_batch_pixels)
     except RequestError as exc:
-        return request.refusal(exc)
+        return as_answer(request.refusal(exc))
     return replace(request, accept=_header_text(headers, "accept"))
 
 

@@ -59,7 +59,9 @@ class EncoderSettings:
     strip_prefix: Optional[str] = None
     checkpoint_detect: bool = True
     keep_weights_dtype: bool = False  # True: run in the weights' dtype instead of casting to the model's
+    ignore_keys: Sequence[str] = ()  # checkpoint weights the model lacks (a training head), dropped by prefix
     malloc_arena_max: int = 2  # glibc malloc arenas per worker (allocator.py); 0: glibc's default, 8 per core
+    malloc_trim_interval_s: float = 0.0  # hand free heap pages back to the OS at most this often; 0: never
 
     def pass_size(self, device_type: str) -> int:
         """The most images in one forward pass: the setting, else the original's 32 on a GPU and
@@ -104,7 +106,7 @@ class EncoderSettings:
         """Plain mapping of every setting, for YAML and describe answers."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["model_init_kwargs"] = dict(self.model_init_kwargs)
-        for key in ("layer_name", "mean", "std", "input_shape"):
+        for key in ("layer_name", "mean", "std", "input_shape", "ignore_keys"):
             if out[key] is not None and not isinstance(out[key], str):
                 out[key] = list(out[key])
         return out
@@ -150,6 +152,11 @@ def _count(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
 
 
+def _non_negative_number(name: str, value: Any) -> None:
+    if not _is_number(value) or value < 0:
+        raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+
+
 def _number(name: str, value: Any) -> None:
     if not _is_number(value):
         raise ConfigError(f"{name} must be a number, got {value!r}")
@@ -184,6 +191,11 @@ def _divisors(name: str, value: Any) -> None:
     _numbers(name, value)
     if any(v == 0 for v in value):
         raise ConfigError(f"{name} must not contain 0, got {list(value)!r}")
+
+
+def _prefixes(name: str, value: Any) -> None:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{name} must be a list of non-empty key prefixes (e.g. ['head.']), got {value!r}")
 
 
 def _layer_names(name: str, value: Any) -> None:
@@ -241,6 +253,8 @@ CHECKS: dict[str, Check] = {
     "strip_prefix": _optional(_string),
     "checkpoint_detect": _boolean,
     "keep_weights_dtype": _boolean,
+    "ignore_keys": _prefixes,
     "malloc_arena_max": _count,
+    "malloc_trim_interval_s": _non_negative_number,
     "sha256": _optional(_sha256),
 }

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import sys
 import tempfile
+import weakref
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -67,6 +69,7 @@ class InProcessModel:
 
     def __init__(self, mar_path: str, batch_size: int = 8, model_name: str = "encoder") -> None:
         self.model_dir = tempfile.mkdtemp(prefix="mar-unpacked-")
+        weakref.finalize(self, shutil.rmtree, self.model_dir, True)  # at the latest when the interpreter exits
         with zipfile.ZipFile(mar_path) as z:
             z.extractall(self.model_dir)
         with open(os.path.join(self.model_dir, "MAR-INF", "MANIFEST.json")) as f:

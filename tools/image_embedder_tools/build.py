@@ -30,6 +30,7 @@ from image_embedder.checkpoints import INDEX_SUFFIX, UnwrapOptions
 from image_embedder.encoder import ImageEncoder
 from image_embedder.errors import ConfigError
 from image_embedder.loading import build_model, file_sha256, import_model_file, load_weights
+from image_embedder.preprocessing import DECLARABLE, DECLARATION, PRESETS, declared, preset, summary
 from image_embedder.settings import POOLINGS, EncoderSettings
 from image_embedder_tools.cli_args import add_weights_arguments, parse_kwargs, parse_shape, weights_settings
 
@@ -71,11 +72,12 @@ class ArchiveSpec:
     name: str = "encoder"
     export_path: str = "model_store"
     settings: Mapping[str, Any] = field(default_factory=dict)
+    preset: Optional[str] = None  # imagenet | unit | none: scale/mean/std below the explicit settings
 
 
 # Settings that say where the weights sit in the user's file: used at build time, then dropped,
 # because the archive holds the weights already taken out and stripped.
-UNWRAP_SETTINGS = ("checkpoint_key", "strip_prefix", "checkpoint_detect")
+UNWRAP_SETTINGS = ("checkpoint_key", "strip_prefix", "checkpoint_detect", "ignore_keys")
 
 
 def handler_settings(spec: ArchiveSpec) -> dict[str, Any]:
@@ -197,6 +199,8 @@ def build_archive(spec: ArchiveSpec, quiet: bool = False) -> str:
     for path in [*given, *([spec.config_file] if spec.config_file else [])]:
         if not os.path.exists(path):
             raise ConfigError(f"{path!r} does not exist")
+    if spec.preset is not None:
+        preset(spec.preset)  # an unknown name fails here, before anything is staged
     config = merged_model_config(spec.config_file, handler_settings(spec))
     if not spec.state_dict:
         say(f"warning: no --state-dict: the archive holds {spec.model_class}'s freshly initialized (untrained) "
@@ -216,7 +220,9 @@ def build_archive(spec: ArchiveSpec, quiet: bool = False) -> str:
 def _check_model(spec: ArchiveSpec, handler: dict[str, Any], root: str, say: Callable[..., None]) -> dict[str, Any]:
     """Build the model once from the staged `root`, with the user's weights cleaned into it, resolve its
     layers and (with an input shape) run it once; returns the archive's `handler:` section."""
+    handler, source = with_preprocessing(spec, handler, root)
     settings = EncoderSettings.from_mapping(handler)
+    say(f"preprocessing ({source}): {summary(settings)}")
     weights, model = prepare_weights(spec, settings, root, say) if spec.state_dict else (None, None)
     handler = {k: v for k, v in handler.items() if k not in UNWRAP_SETTINGS}
     if weights:
@@ -228,6 +234,21 @@ def _check_model(spec: ArchiveSpec, handler: dict[str, Any], root: str, say: Cal
         say(f"one forward pass on {list(spec.input_shape or settings.input_shape or [])}: "
             f"embedding size {encoder.embedding_dim}")
     return handler
+
+
+def with_preprocessing(spec: ArchiveSpec, handler: dict[str, Any], root: str) -> tuple[dict[str, Any], str]:
+    """`handler` over the preset over the model file's IMAGE_PREPROCESSING (explicit settings win), and
+    where the preprocessing came from, or how to declare it when nothing did."""
+    module = import_model_file(os.path.join(root, os.path.basename(spec.model_file)))
+    from_file = declared(module) or {}
+    from_preset = preset(spec.preset) if spec.preset else {}
+    explicit = sorted(k for k in DECLARABLE if k in handler)
+    merged = {**from_file, **from_preset, **handler}
+    sources = ([f"{DECLARATION} in {os.path.basename(spec.model_file)}"] if from_file else []) + (
+        [f"--preset {spec.preset}"] if spec.preset else []) + ([f"settings {', '.join(explicit)}"] if explicit else [])
+    source = ("from " + ", ".join(sources) if sources else
+              f"nothing declared: declare {DECLARATION} in the model file or pass --preset {'|'.join(PRESETS)}")
+    return {k: v for k, v in merged.items() if not (k in DECLARABLE and v is None)}, source
 
 
 def _write_archive(spec: ArchiveSpec, config: dict[str, Any], root: str) -> str:
@@ -263,6 +284,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch-size", type=int, help="default_batch_size: most images in one forward pass")
     parser.add_argument("--input-shape", help="C,H,W: run one forward pass now and print the embedding size")
     parser.add_argument("--config-file", help="a model-config.yaml with TorchServe keys to merge into")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="preprocessing: imagenet (scale 1/255, ImageNet mean/std), unit (scale 1/255) or none; "
+                             "over the model file's IMAGE_PREPROCESSING, under --set")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other handler setting, VALUE read as YAML (e.g. --set normalize=true)")
     add_weights_arguments(parser)
@@ -282,6 +306,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             model_kwargs=kwargs, extra_files=[p for p in args.extra_files.split(",") if p],
             batch_size=args.batch_size, input_shape=parse_shape(args.input_shape), config_file=args.config_file,
             name=args.name, export_path=args.export_path, settings={**weights_settings(args), **extra},
+            preset=args.preset,
         ))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -42,6 +42,9 @@ def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
                        help="strip this from every key, e.g. module. or model. ('' = strip nothing)")
     group.add_argument("--no-detect", action="store_true",
                        help="no detection: the top level and no prefix unless given above")
+    group.add_argument("--ignore-keys", action="append", default=[], metavar="PREFIX",
+                       help="drop the checkpoint's weights whose names (as the model names them) start with PREFIX, "
+                            "e.g. head. for a training head the embedding model lacks; repeatable")
     group.add_argument("--keep-dtype", action="store_true",
                        help="run the model in the weights' dtype (float16/bfloat16) instead of casting them to float32")
 
@@ -57,9 +60,12 @@ def weights_settings(args: argparse.Namespace) -> dict[str, Any]:
         settings["checkpoint_detect"] = False
     if args.keep_dtype:
         settings["keep_weights_dtype"] = True
+    if args.ignore_keys:
+        settings["ignore_keys"] = list(args.ignore_keys)
     return settings
 
 
 def unwrap_options(args: argparse.Namespace) -> UnwrapOptions:
     """The weights flags as options for loading.load_model."""
-    return UnwrapOptions(args.checkpoint_key, args.strip_prefix, not args.no_detect, args.keep_dtype)
+    return UnwrapOptions(args.checkpoint_key, args.strip_prefix, not args.no_detect, args.keep_dtype,
+                         tuple(args.ignore_keys))
