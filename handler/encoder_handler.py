@@ -25,7 +25,7 @@ import torch
 from ts.handler_utils.timer import timed
 from ts.torch_handler.base_handler import BaseHandler
 
-from image_embedder.allocator import Trimmer, limit_arenas
+from image_embedder.allocator import limit_arenas
 from image_embedder.encoder import ImageEncoder, resolve_device
 from image_embedder.errors import RequestError
 from image_embedder.image_decoding import ImageDecoder
@@ -61,7 +61,6 @@ class EmbeddingHandler(BaseHandler):
         arenas = limit_arenas(settings.malloc_arena_max)  # before the decode and torch threads allocate
         if arenas:
             logger.info(arenas)
-        self.trimmer = Trimmer(settings.malloc_trim_interval_s)
         self.device = resolve_device(settings.device, properties.get("gpu_id"))
         model_dir = properties.get("model_dir") or "."
         self.cores: Optional[CoreShare] = None
@@ -150,7 +149,6 @@ class EmbeddingHandler(BaseHandler):
             forward_ms = (time.perf_counter() - forward_start) * 1000
             out = self.postprocess(results)
             self._record_metrics(decoded, forward_ms, (time.perf_counter() - start) * 1000, results)
-        self.trimmer.after_batch()
         return out
 
     def _record_metrics(self, decoded: list[Decoded], forward_ms: float, total_ms: float, results: list[Result]) -> None:

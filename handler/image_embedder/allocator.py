@@ -12,8 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import time
-from typing import Callable, Optional
+from typing import Optional
 
 M_ARENA_MAX = -8  # from glibc's malloc.h
 
@@ -35,28 +34,6 @@ def limit_arenas(arena_max: int) -> Optional[str]:
     return f"malloc arenas: at most {arena_max} (malloc_arena_max)"
 
 
-class Trimmer:
-    """Hands free heap pages back to the OS (glibc's malloc_trim) at most every `interval_s` seconds.
-
-    Freed memory inside an arena stays resident until trimmed; a worker calls `after_batch` once
-    its batch is answered. 0 turns it off, as does a libc that is not glibc."""
-
-    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.interval_s, self.clock = interval_s, clock
-        self._libc = _glibc() if interval_s > 0 else None
-        self._last = clock()
-        self.trims = 0
-
-    def after_batch(self) -> bool:
-        """Trim if the interval has passed since the last trim; says whether it did."""
-        if self._libc is None or self.clock() - self._last < self.interval_s:
-            return False
-        self._libc.malloc_trim(0)
-        self._last = self.clock()
-        self.trims += 1
-        return True
-
-
 def _glibc() -> Optional[ctypes.CDLL]:
     """The process's C library if it is glibc (it has mallopt and gnu_get_libc_version)."""
     name = ctypes.util.find_library("c")
@@ -69,6 +46,4 @@ def _glibc() -> Optional[ctypes.CDLL]:
         return None
     libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     libc.mallopt.restype = ctypes.c_int
-    libc.malloc_trim.argtypes = (ctypes.c_size_t,)
-    libc.malloc_trim.restype = ctypes.c_int
     return libc

@@ -61,7 +61,6 @@ class EncoderSettings:
     keep_weights_dtype: bool = False  # True: run in the weights' dtype instead of casting to the model's
     ignore_keys: Sequence[str] = ()  # checkpoint weights the model lacks (a training head), dropped by prefix
     malloc_arena_max: int = 2  # glibc malloc arenas per worker (allocator.py); 0: glibc's default, 8 per core
-    malloc_trim_interval_s: float = 0.0  # hand free heap pages back to the OS at most this often; 0: never
 
     def pass_size(self, device_type: str) -> int:
         """The most images in one forward pass: the setting, else the original's 32 on a GPU and
@@ -150,11 +149,6 @@ def _positive_number(name: str, value: Any) -> None:
 def _count(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
-
-
-def _non_negative_number(name: str, value: Any) -> None:
-    if not _is_number(value) or value < 0:
-        raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
 
 
 def _number(name: str, value: Any) -> None:
@@ -255,6 +249,5 @@ CHECKS: dict[str, Check] = {
     "keep_weights_dtype": _boolean,
     "ignore_keys": _prefixes,
     "malloc_arena_max": _count,
-    "malloc_trim_interval_s": _non_negative_number,
     "sha256": _optional(_sha256),
 }
