@@ -151,12 +151,14 @@ def check_rollout(answers: list[Answer], references: dict, switch_asked: float, 
                   retired: float) -> None:
     """Nothing lost or wrong; 1.0 before the switch, 2.0 for every request sent after it returned."""
     by = [(a, version_of(a, references)) for a in answers]
-    summary = f"{len(answers)} answers; not one version's: {[a for a, v in by if v is None][:5]}"
-    assert not [a for a in answers if a.rows is None], summary  # zero lost requests
+    lost = [a.error for a in answers if a.rows is None]
+    summary = f"{len(answers)} answers; lost: {lost[:5]}; not one version's: {[a for a, v in by if v is None][:5]}"
+    assert not lost, summary  # zero lost requests
     assert all(v is not None for _, v in by), summary
     assert {v for a, v in by if a.done < switch_asked} == {"1.0"}, summary
     assert {v for a, v in by if a.sent > switched} == {"2.0"}, summary
     assert sum(a.sent > retired for a, _ in by) >= ANSWERS_PER_PHASE, summary  # served on after retiring
+    print(f"{len(answers)} answers: {sum(v == '1.0' for _, v in by)} by 1.0, {sum(v == '2.0' for _, v in by)} by 2.0")
 
 
 def manage(server: TorchServe, method: str, path: str, **params: object) -> requests.Response:
