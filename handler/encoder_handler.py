@@ -82,12 +82,16 @@ class EmbeddingHandler(BaseHandler):
             self.image_decoder.budget = torch.get_num_threads
         self.decodes_images = importlib.util.find_spec("PIL") is not None  # else images get 415
         self.model_name = context.model_name
+        # the archive's version (`build --version`), as TorchServe routes /predictions/<name>/<version>
+        self.model_version = ((self.manifest or {}).get("model") or {}).get("modelVersion")
         self.initialized = True
         logger.info("image encoder ready: %s", json.dumps(self.describe()))
 
     def describe(self) -> dict:
-        """The engine's description, what this server accepts, and this worker's process and threads."""
+        """The archive's version, the engine's description, what this server accepts, and this worker's
+        process and threads."""
         return {
+            "model_version": self.model_version,
             **self.encoder.describe(),
             "content_types": accepted_content_types(self.decodes_images),
             "worker": {"pid": os.getpid(), "torch_threads": torch.get_num_threads(), "cores": available_cores(),

@@ -15,6 +15,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -48,6 +49,9 @@ DEFAULT_TS_CONFIG: dict[str, Any] = {
     "maxBatchDelay": 5,
     "responseTimeout": 120,
 }
+# An archive's version (TorchServe's modelVersion) is a path segment of /predictions/<name>/<version>
+# and /models/<name>/<version>; TorchServe takes any string, this build only numbers joined by dots.
+VERSION = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class ArchiveSpec:
     input_shape: Optional[Sequence[int]] = None
     config_file: Optional[str] = None
     name: str = "encoder"
+    version: str = "1.0"
     export_path: str = "model_store"
     settings: Mapping[str, Any] = field(default_factory=dict)
     preset: Optional[str] = None  # imagenet | unit | none: scale/mean/std below the explicit settings
@@ -195,6 +200,9 @@ def prepare_weights(spec: ArchiveSpec, settings: EncoderSettings, root: str,
 def build_archive(spec: ArchiveSpec, quiet: bool = False) -> str:
     """Check the model, then write `<export_path>/<name>.mar`; returns its path."""
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
+    if not VERSION.fullmatch(spec.version):
+        raise ConfigError(f"--version {spec.version!r} is not a version: expected numbers joined by dots, "
+                          f"e.g. 1.0, 2.0 or 2.0.1 (it is part of the URL /predictions/{spec.name}/<version>)")
     given = [spec.model_file, *([spec.state_dict] if spec.state_dict else []), *spec.extra_files]
     for path in [*given, *([spec.config_file] if spec.config_file else [])]:
         if not os.path.exists(path):
@@ -264,7 +272,7 @@ def _write_archive(spec: ArchiveSpec, config: dict[str, Any], root: str) -> str:
     config_path = os.path.join(root, "model-config.yaml")
     with open(config_path, "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
-    archiver = ModelArchiverConfig(model_name=spec.name, handler=HANDLER_FILE, version="1.0",
+    archiver = ModelArchiverConfig(model_name=spec.name, handler=HANDLER_FILE, version=spec.version,
                                    export_path=spec.export_path, force=True, config_file=config_path)
     os.makedirs(spec.export_path, exist_ok=True)
     ModelExportUtils.archive(spec.export_path, spec.name, root, ModelExportUtils.generate_manifest_json(archiver))
@@ -291,6 +299,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="any other handler setting, VALUE read as YAML (e.g. --set normalize=true)")
     add_weights_arguments(parser)
     parser.add_argument("--name", default="encoder", help="model name: the archive is <name>.mar")
+    parser.add_argument("--version", default="1.0", help="the archive's version (e.g. 2.0): served beside others "
+                        "of the same name as /predictions/<name>/<version> (docs/usage.md#versions-and-rollout)")
     parser.add_argument("--export-path", default="model_store")
     args = parser.parse_args(argv)
     try:
@@ -305,8 +315,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.model_file, args.model_class, args.state_dict, args.layer, pooling=args.pooling,
             model_kwargs=kwargs, extra_files=[p for p in args.extra_files.split(",") if p],
             batch_size=args.batch_size, input_shape=parse_shape(args.input_shape), config_file=args.config_file,
-            name=args.name, export_path=args.export_path, settings={**weights_settings(args), **extra},
-            preset=args.preset,
+            name=args.name, version=args.version, export_path=args.export_path,
+            settings={**weights_settings(args), **extra}, preset=args.preset,
         ))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
