@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 import zipfile
 from collections import OrderedDict
 from typing import Optional
@@ -124,18 +125,23 @@ def test_a_missing_package_stops_the_build_naming_it_and_both_fixes(einops_weigh
     assert not out.exists()
 
 
-def test_a_file_left_out_of_extra_files_is_named_as_such(tmp_path, capsys, monkeypatch):
-    for name in ("sibling_user.py", "sibling_parts_xq7.py"):
-        shutil.copy(os.path.join(TEST_MODELS, name), tmp_path / name)
-    monkeypatch.delitem(sys.modules, "sibling_parts_xq7", raising=False)  # imported from elsewhere by another test
+def test_a_file_left_out_of_extra_files_is_named_as_such(tmp_path, capsys):
+    helper = f"parts_{uuid.uuid4().hex[:12]}"  # a fresh name: no folder an earlier test put on sys.path has it
+    (tmp_path / f"{helper}.py").write_text("import torch.nn as nn\n\nStem = nn.Conv2d\n")
+    (tmp_path / "user_model.py").write_text(
+        f"import torch.nn as nn\nfrom {helper} import Stem\n\n\n"
+        "class UserNet(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.stem = Stem(3, 4, 3)\n\n    def forward(self, x):\n        return self.stem(x)\n")
     out = tmp_path / "store"
-    assert main(["--model-file", str(tmp_path / "sibling_user.py"), "--model-class", "SiblingNet", "--layer", "stem",
+    assert main(["--model-file", str(tmp_path / "user_model.py"), "--model-class", "UserNet", "--layer", "stem",
                  "--export-path", str(out)]) == 2
     err = capsys.readouterr().err
-    sibling = str(tmp_path / "sibling_parts_xq7.py")
-    assert f"imports 'sibling_parts_xq7', and {sibling!r} lies beside it but is not in the archive" in err
+    sibling = str(tmp_path / f"{helper}.py")
+    assert f"imports {helper!r}, and {sibling!r} lies beside it but is not in the archive" in err
     assert f"--extra-files {sibling}" in err and "pip install" not in err
     assert not out.exists()
+    assert main(["--model-file", str(tmp_path / "user_model.py"), "--model-class", "UserNet", "--layer", "stem",
+                 "--extra-files", sibling, "--export-path", str(out)]) == 0  # the fix it names works
 
 
 @pytest.mark.parametrize("statement, missing, pip_name", [

@@ -226,11 +226,10 @@ def _forgotten_sibling(spec: ArchiveSpec) -> Iterator[None]:
     except ConfigError as exc:
         missing = exc.__cause__
         top = (missing.name or "").split(".")[0] if isinstance(missing, ModuleNotFoundError) else ""
-        folder = os.path.dirname(os.path.abspath(spec.model_file))
-        for candidate in (os.path.join(folder, top + ".py"), os.path.join(folder, top)):
-            if top and os.path.exists(candidate):
-                raise ConfigError(f"{spec.model_file!r} imports {top!r}, and {candidate!r} lies beside it but is not "
-                                  f"in the archive: pass it with --extra-files {candidate}") from exc
+        sibling = os.path.join(os.path.dirname(os.path.abspath(spec.model_file)), top + ".py")
+        if top and os.path.isfile(sibling):
+            raise ConfigError(f"{spec.model_file!r} imports {top!r}, and {sibling!r} lies beside it but is not "
+                              f"in the archive: pass it with --extra-files {sibling}") from exc
         raise
 
 
