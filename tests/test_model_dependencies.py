@@ -295,15 +295,18 @@ def pip_install_into(target: str, requirement: str, timeout: float = 120.0) -> O
     return None
 
 
-def colored_weights(path: str) -> dict:
+@pytest.fixture(scope="module")
+def colored_files(tmp_path_factory) -> dict:
+    """ColoredNet's weights and a requirements file naming termcolor."""
+    folder = tmp_path_factory.mktemp("colored")
     torch.manual_seed(3)
-    state = {"conv.weight": torch.randn(4, 3, 3, 3), "conv.bias": torch.randn(4)}
-    torch.save(state, path)
-    return state
+    torch.save({"conv.weight": torch.randn(4, 3, 3, 3), "conv.bias": torch.randn(4)}, folder / "colored.pth")
+    (folder / "requirements.txt").write_text(TERMCOLOR + "\n")
+    return {"weights": str(folder / "colored.pth"), "requirements": str(folder / "requirements.txt")}
 
 
 @pytest.fixture(scope="module")
-def deps_server(einops_archive, tmp_path_factory):
+def deps_server(einops_archive, colored_files, tmp_path_factory):
     """TorchServe with install_py_dep_per_model=true serving `einops_net` (einops from the venv) and, where
     the package index answers, `colored`: termcolor_net.py built with --requirements-file naming termcolor,
     which only the per-model install gives the server. Yields (server, why colored is absent or None)."""
@@ -315,15 +318,12 @@ def deps_server(einops_archive, tmp_path_factory):
     build_env = tmp_path_factory.mktemp("termcolor_for_the_build")
     problem = pip_install_into(str(build_env), TERMCOLOR)
     if problem is None:
-        requirements = store.parent / "colored-requirements.txt"
-        requirements.write_text(TERMCOLOR + "\n")
-        colored_weights(str(store.parent / "colored.pth"))
         # the build imports the model: termcolor importable for the build's process only
         env = dict(os.environ, PYTHONPATH=with_path(str(build_env)))
         built = subprocess.run([sys.executable, BUILD_MAR, "--model-file", TERMCOLOR_MODEL,
-                                "--model-class", "ColoredNet", "--state-dict", str(store.parent / "colored.pth"),
-                                "--layer", "conv",
-                                "--input-shape", "3,8,8", "--requirements-file", str(requirements),
+                                "--model-class", "ColoredNet", "--state-dict", colored_files["weights"],
+                                "--layer", "conv", "--input-shape", "3,8,8",
+                                "--requirements-file", colored_files["requirements"],
                                 "--name", "colored", "--export-path", str(store)],
                                env=env, capture_output=True, text=True, timeout=300)
         assert built.returncode == 0, built.stderr
@@ -336,10 +336,11 @@ def deps_server(einops_archive, tmp_path_factory):
 
 
 @pytest.mark.server
-def test_an_einops_model_serves_reference_embeddings(deps_server, einops_weights):
+def test_an_einops_model_serves_reference_embeddings(deps_server, einops_weights, tmp_path):
     server, _ = deps_server
     server.wait_for_workers("einops_net", timeout=240)
-    model = load_reference_model(EINOPS_MODEL, "EinopsNet", einops_weights)
+    # from a copy: the reference loader puts the file's folder on sys.path, and tests/models holds other models
+    model = load_reference_model(shutil.copy(EINOPS_MODEL, tmp_path), "EinopsNet", einops_weights)
     images = np.random.default_rng(7).random((3, 3, 16, 24), dtype=np.float32)
     r = requests.post(f"{server.inference_url}/predictions/einops_net", data=npy_bytes(images),
                       headers=server.headers(**{"Content-Type": "application/x-npy"}), timeout=120)
@@ -350,7 +351,7 @@ def test_an_einops_model_serves_reference_embeddings(deps_server, einops_weights
 
 
 @pytest.mark.server
-def test_per_model_install_gives_the_server_a_package_its_venv_lacks(deps_server, tmp_path):
+def test_per_model_install_gives_the_server_a_package_its_venv_lacks(deps_server, colored_files):
     server, problem = deps_server
     if problem:
         pytest.skip(f"package index not reachable: {problem}")
@@ -364,6 +365,6 @@ def test_per_model_install_gives_the_server_a_package_its_venv_lacks(deps_server
                       headers=server.headers(**{"Content-Type": "application/x-npy"}), timeout=120)
     assert r.status_code == 200, r.text
     conv = torch.nn.Sequential(OrderedDict(conv=torch.nn.Conv2d(3, 4, 3)))  # ColoredNet without termcolor
-    conv.load_state_dict(colored_weights(str(tmp_path / "again.pth")))
+    conv.load_state_dict(torch.load(colored_files["weights"], weights_only=True))
     np.testing.assert_allclose(np.asarray(r.json()["embeddings"], np.float32),
                                reference_embeddings(conv.eval(), "conv", images), atol=1e-5)
