@@ -267,6 +267,12 @@ def test_a_worker_without_the_package_logs_the_fixes_and_never_becomes_ready(ser
                             "--key-file", os.path.join(server.workdir, "key_file.json")],
                            capture_output=True, text=True, timeout=60)
     assert probe.returncode == 1 and "/ping answered 500" in probe.stderr, probe.stderr
+    try:  # describe is answered by a worker, and none ever loads: TorchServe queues the request
+        described = requests.get(f"{server.inference_url}/predictions/einops_net",
+                                 headers=server.headers(describe="true"), timeout=10)
+        assert described.status_code != 200, described.text
+    except requests.Timeout:
+        pass
     assert not any(w.get("status") == "READY" for w in workers(server, "einops_net"))  # still, after the retries
 
 
