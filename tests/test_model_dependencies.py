@@ -283,7 +283,8 @@ def test_a_worker_without_the_package_logs_the_fixes_and_never_becomes_ready(ser
         pass
     # TorchServe counts a retrying worker as healthy; once its retries end, /ping says Unhealthy
     deadline = time.monotonic() + RETRY_SECONDS + 120
-    while (ping := requests.get(f"{server.inference_url}/ping", headers=server.headers(), timeout=30)).status_code == 200:
+    ping_url = f"{server.inference_url}/ping"
+    while (ping := requests.get(ping_url, headers=server.headers(), timeout=30)).status_code == 200:
         assert time.monotonic() < deadline, "/ping still Healthy long after einops_net's retries ended"
         time.sleep(0.5)
     assert (ping.status_code, ping.json()["status"]) == (500, "Unhealthy")
