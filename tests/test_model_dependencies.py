@@ -5,7 +5,8 @@
   of --extra-files is named as such instead.
 - einops, installed by the project's own steps, serves from a real TorchServe like any model.
 - On a server whose Python lacks einops the model's workers log the same message and never become
-  READY (/ping 500, the readiness probe fails), while the other model on that server answers.
+  READY: the readiness probe fails, describe is never answered, /ping turns 500 once TorchServe stops
+  retrying; the other model on that server answers all along.
 - TorchServe's `install_py_dep_per_model=true` pip-installs an archive's requirements at model load: a
   model importing a package the venv lacks (termcolor) loads and answers. It needs the package index,
   and is skipped, saying why, where pip cannot reach it.
