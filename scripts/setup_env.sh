@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Make .venv with every pinned requirement, and check for Java 17 (TorchServe's frontend).
 # Idempotent: a second run only checks.
+# MODEL_REQUIREMENTS=path/to/requirements.txt also installs a model's own packages into .venv (a server
+# image with them baked in: deploy/Dockerfile's build argument of that name).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -17,12 +19,16 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.requirements.sha
-want=$(cat requirements.txt pyproject.toml client/pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt pyproject.toml client/pyproject.toml ${MODEL_REQUIREMENTS:+"$MODEL_REQUIREMENTS"} \
+  | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q -r requirements.txt >&2
   # This project itself (engine, client, tools, bench, testkit, the image-embedder command), editable, with the
   # versions pinned above: nothing else is resolved or downloaded.
   .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . >&2
+  if [ -n "${MODEL_REQUIREMENTS:-}" ]; then
+    .venv/bin/python -m pip install -q -r "$MODEL_REQUIREMENTS" >&2
+  fi
   echo "$want" > "$stamp"
 fi
 # KServe's SDK models for the manifest tests, without the KServe server's dependencies.

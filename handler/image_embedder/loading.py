@@ -43,10 +43,34 @@ def import_model_file(path: str) -> ModuleType:
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
+    except ModuleNotFoundError as exc:
+        del sys.modules[name]
+        raise ConfigError(missing_module_message(path, exc)) from exc
     except Exception as exc:
         del sys.modules[name]
         raise ConfigError(f"importing model definition file {path!r} failed: {type(exc).__name__}: {exc}") from exc
     return module
+
+
+def missing_module_message(path: str, exc: ModuleNotFoundError) -> str:
+    """What to do when the model file needs a module this Python can't find: the same words at build
+    time and in a worker's log, since the fix may be due in either place (or both).
+
+    A package must be importable where the archive is built (the build runs the model) and where it
+    is served: TorchServe installs an archive's requirements file at each model load only with
+    `install_py_dep_per_model=true`; otherwise the server's image or venv must hold it. A name that
+    is the user's own file is fixed by shipping that file, not by pip."""
+    missing = exc.name or str(exc)
+    top = missing.split(".")[0]
+    return (
+        f"importing model definition file {path!r} needs module {missing!r}, which cannot be found here "
+        f"({type(exc).__name__}: {exc}). If it comes from a package, install that package where you build "
+        f"(e.g. `pip install {top}`; the pip name may differ from the module's), and give the server it: "
+        f"build with --requirements-file naming it and set install_py_dep_per_model=true in TorchServe's "
+        f"config.properties, or install it into the server's image or venv "
+        f"(docs/usage.md#models-with-dependencies). If {top!r} is a file of yours ({top}.py beside the model "
+        f"file), ship it with --extra-files."
+    )
 
 
 def build_model(module: ModuleType, class_name: str, init_kwargs: Optional[Mapping[str, Any]] = None) -> torch.nn.Module:

@@ -104,7 +104,9 @@ class TorchServe:
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         return env
 
-    def start(self, timeout: float = 120.0) -> "TorchServe":
+    def start(self, timeout: float = 120.0, healthy: bool = True) -> "TorchServe":
+        """Start and wait until /ping says Healthy; `healthy=False`: until it answers at all (a model whose
+        workers can never start keeps it 500 Unhealthy while the other models serve)."""
         cmd = [_torchserve(), "--start", "--ncs", "--foreground", "--model-store", self.model_store,
                "--ts-config", self.config_path]
         if self.models:
@@ -121,7 +123,8 @@ class TorchServe:
                 try:
                     # TorchServe 0.12 guards /ping with the inference token too.
                     r = requests.get(self.inference_url + "/ping", headers=self.headers(), timeout=2)
-                    if r.status_code == 200 and r.json().get("status") == "Healthy":
+                    if r.status_code == 200 and r.json().get("status") == "Healthy" or (
+                            not healthy and r.status_code == 500):
                         return self
                 except (requests.RequestException, ValueError):
                     pass

@@ -78,6 +78,7 @@ class ArchiveSpec:
     export_path: str = "model_store"
     settings: Mapping[str, Any] = field(default_factory=dict)
     preset: Optional[str] = None  # imagenet | unit | none: scale/mean/std below the explicit settings
+    requirements_file: Optional[str] = None
 
 
 # Settings that say where the weights sit in the user's file: used at build time, then dropped,
@@ -204,7 +205,7 @@ def build_archive(spec: ArchiveSpec, quiet: bool = False) -> str:
         raise ConfigError(f"--version {spec.version!r} is not a version: expected numbers joined by dots, "
                           f"e.g. 1.0, 2.0 or 2.0.1 (it is part of the URL /predictions/{spec.name}/<version>)")
     given = [spec.model_file, *([spec.state_dict] if spec.state_dict else []), *spec.extra_files]
-    for path in [*given, *([spec.config_file] if spec.config_file else [])]:
+    for path in [*given, *(p for p in (spec.config_file, spec.requirements_file) if p)]:
         if not os.path.exists(path):
             raise ConfigError(f"{path!r} does not exist")
     if spec.preset is not None:
@@ -215,14 +216,33 @@ def build_archive(spec: ArchiveSpec, quiet: bool = False) -> str:
             f"weights, unless the model loads its own; its embeddings will mean nothing otherwise")
     with tempfile.TemporaryDirectory(prefix="mar-build-") as root:  # the archive's root as a worker will see it
         _stage([spec.model_file, *spec.extra_files], root)
-        with _named_as_given(root, given):
+        with _named_as_given(root, given), _forgotten_sibling(spec):
             config["handler"] = _check_model(spec, config["handler"], root, say)
         shutil.copy(HANDLER_FILE, root)
         shutil.copytree(ENGINE_DIR, os.path.join(root, os.path.basename(ENGINE_DIR)),
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         path = _write_archive(spec, config, root)
+    if spec.requirements_file:
+        say(f"requirements: {os.path.basename(spec.requirements_file)} is in the archive; TorchServe pip-installs it "
+            f"at every model load only with install_py_dep_per_model=true in its config.properties")
     say(f"wrote {path}")
     return path
+
+
+@contextlib.contextmanager
+def _forgotten_sibling(spec: ArchiveSpec) -> Iterator[None]:
+    """A module the model file can't import that lies beside the user's model file is a file left out of
+    --extra-files, not a package to install: say that instead."""
+    try:
+        yield
+    except ConfigError as exc:
+        missing = exc.__cause__
+        top = (missing.name or "").split(".")[0] if isinstance(missing, ModuleNotFoundError) else ""
+        sibling = os.path.join(os.path.dirname(os.path.abspath(spec.model_file)), top + ".py")
+        if top and os.path.isfile(sibling):
+            raise ConfigError(f"{spec.model_file!r} imports {top!r}, and {sibling!r} lies beside it but is not "
+                              f"in the archive: pass it with --extra-files {sibling}") from exc
+        raise
 
 
 def _check_model(spec: ArchiveSpec, handler: dict[str, Any], root: str, say: Callable[..., None]) -> dict[str, Any]:
@@ -272,8 +292,11 @@ def _write_archive(spec: ArchiveSpec, config: dict[str, Any], root: str) -> str:
     config_path = os.path.join(root, "model-config.yaml")
     with open(config_path, "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
+    if spec.requirements_file:  # the archive root, named in the manifest: where TorchServe reads it
+        shutil.copy(spec.requirements_file, root)
     archiver = ModelArchiverConfig(model_name=spec.name, handler=HANDLER_FILE, version=spec.version,
-                                   export_path=spec.export_path, force=True, config_file=config_path)
+                                   export_path=spec.export_path, force=True, config_file=config_path,
+                                   requirements_file=spec.requirements_file)
     os.makedirs(spec.export_path, exist_ok=True)
     ModelExportUtils.archive(spec.export_path, spec.name, root, ModelExportUtils.generate_manifest_json(archiver))
     return ModelExportUtils.get_archive_export_path(spec.export_path, spec.name, "default")
@@ -295,6 +318,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="preprocessing: imagenet (scale 1/255, ImageNet mean/std), unit (scale 1/255) or none; "
                              "over the model file's IMAGE_PREPROCESSING, under --set")
+    parser.add_argument("--requirements-file", help="the model's pip requirements, carried in the archive "
+                        "(TorchServe installs them at model load with install_py_dep_per_model=true)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other handler setting, VALUE read as YAML (e.g. --set normalize=true)")
     add_weights_arguments(parser)
@@ -317,6 +342,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             batch_size=args.batch_size, input_shape=parse_shape(args.input_shape), config_file=args.config_file,
             name=args.name, version=args.version, export_path=args.export_path,
             settings={**weights_settings(args), **extra}, preset=args.preset,
+            requirements_file=args.requirements_file,
         ))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
