@@ -48,7 +48,7 @@ def tls(tmp_path_factory) -> ServerTls:
 def https_server(model_store, example_archive, tls):
     if not java_available():
         pytest.fail("TorchServe needs Java 17 (apt-get install -y openjdk-17-jre-headless)")
-    server = TorchServe(model_store, "encoder=encoder.mar", tls=tls)
+    server = TorchServe(model_store, "encoder=encoder.mar", {"default_workers_per_model": "1"}, tls=tls)
     try:
         server.start()
         server.wait_for_workers("encoder")
@@ -89,7 +89,7 @@ def test_inference_management_and_metrics_answer_over_https_with_the_ca(https_se
                                reference_embeddings(example_model, "conv1", batch), atol=1e-4)
     r = requests.get(f"{https_server.management_url}/models/encoder", headers=https_server.headers("management"),
                      verify=tls.ca_bundle, timeout=30)
-    assert r.status_code == 200 and r.json()[0]["workers"][0]["status"] == "READY"
+    assert r.status_code == 200 and [w["status"] for w in r.json()[0]["workers"]] == ["READY"]
     r = requests.get(f"{https_server.metrics_url}/metrics", verify=tls.ca_bundle, timeout=30)
     assert r.status_code == 200 and "ts_inference_requests_total" in r.text
 
@@ -125,7 +125,7 @@ def test_client_verify_holds_where_the_ca_bundle_variables_point_elsewhere(https
     with EmbeddingClient(https_server.inference_url, "encoder", key_file=keys, verify=tls.ca_bundle,
                          management_url=https_server.management_url) as client:
         np.testing.assert_allclose(client.embed(batch), expected, atol=1e-5)
-        assert client.describe()["layer"] == "conv1"
+        assert client.describe()["layer_name"] == "conv1"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
         with EmbeddingClient(https_server.inference_url, "encoder", key_file=keys, verify=False) as client:
@@ -214,7 +214,7 @@ def test_the_https_blocks_of_the_docs_run_against_it(https_server, tls, other_bu
     key_file(https_server, scratch)
     monkeypatch.setenv("TOKEN", https_server.keys["inference"])
     monkeypatch.setenv("MTOKEN", https_server.keys["management"])
-    output = run_session(blocks, tmp_path, [str(p) for p in free_ports(5)], str(scratch), timeout=240)
+    output = run_session(blocks, tmp_path, free_ports(5), str(scratch), timeout=240)
     assert "without --cacert: curl exit status 60" in output and "(1, 10)" in output
     assert np.load(scratch / "out" / "tls_embedded" / "embeddings.npy").shape == (3, 10)
 
