@@ -23,7 +23,7 @@ from image_embedder_client import EmbeddingClient, EmbeddingError
 from image_embedder_testkit.bodies import npy_bytes
 from image_embedder_testkit.checkout import REPO
 from image_embedder_testkit.reference import reference_embeddings
-from image_embedder_testkit.tls import make_server_tls
+from image_embedder_testkit.tls import make_server_tls, pkcs8
 from image_embedder_testkit.ts_server import PORT_KEYS, TLS_KEYS, ServerTls, TorchServe, java_available
 from image_embedder_tools import embed
 from test_docs import Block, all_blocks, free_ports, run_session
@@ -94,10 +94,19 @@ def test_inference_management_and_metrics_answer_over_https_with_the_ca(https_se
     assert r.status_code == 200 and "ts_inference_requests_total" in r.text
 
 
-def test_plain_http_on_the_https_ports_gets_no_answer(https_server):
-    for url in (https_server.inference_url, https_server.management_url, https_server.metrics_url):
-        with pytest.raises(requests.ConnectionError):
-            requests.get(url.replace("https://", "http://") + "/ping", headers=https_server.headers(), timeout=10)
+def test_plain_http_on_the_https_ports_is_refused(https_server):
+    """TorchServe answers plain HTTP on its HTTPS ports with 403 and serves nothing, even with the right key."""
+    plain = {url: url.replace("https://", "http://") for url in
+             (https_server.inference_url, https_server.management_url, https_server.metrics_url)}
+    requests_ = [("GET", plain[https_server.inference_url] + "/ping", https_server.headers(), None),
+                 ("POST", plain[https_server.inference_url] + "/predictions/encoder",
+                  https_server.headers(**{"Content-Type": "application/x-npy"}), npy_bytes(images(4, count=1))),
+                 ("GET", plain[https_server.management_url] + "/models/encoder", https_server.headers("management"),
+                  None),
+                 ("GET", plain[https_server.metrics_url] + "/metrics", {}, None)]
+    for method, url, headers, body in requests_:
+        r = requests.request(method, url, headers=headers, data=body, timeout=30)
+        assert (r.status_code, r.json()) == (403, {"status": "This TorchServe instance only accepts HTTPS requests"}), url
 
 
 def test_a_client_without_the_ca_fails_the_handshake(https_server, tls, monkeypatch, other_bundles):
@@ -216,6 +225,7 @@ def test_the_https_blocks_of_the_docs_run_against_it(https_server, tls, other_bu
     monkeypatch.setenv("MTOKEN", https_server.keys["management"])
     output = run_session(blocks, tmp_path, free_ports(5), str(scratch), timeout=240)
     assert "without --cacert: curl exit status 60" in output and "(1, 10)" in output
+    assert "only accepts HTTPS requests" in output and "HTTP 403" in output
     assert np.load(scratch / "out" / "tls_embedded" / "embeddings.npy").shape == (3, 10)
 
 
@@ -231,3 +241,19 @@ def test_the_documented_openssl_recipe_makes_a_certificate_torchserve_serves(mod
         r = requests.get(server.inference_url.replace("127.0.0.1", "localhost") + "/ping", headers=server.headers(),
                          verify=made.ca_bundle, timeout=10)
         assert r.status_code == 200 and r.json()["status"] == "Healthy"
+
+
+def test_an_ec_key_stops_torchserve_at_start(model_store, tmp_path):
+    """TorchServe 0.12 reads the key as RSA only (docs/security.md#https says so): an EC key ends its start."""
+    ca = trustme.CA(key_type=trustme.KeyType.ECDSA)
+    leaf = ca.issue_cert("127.0.0.1", key_type=trustme.KeyType.ECDSA)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
+    (tmp_path / "server.key").write_bytes(pkcs8(leaf.private_key_pem.bytes()))
+    server = TorchServe(model_store, tls=ServerTls(str(tmp_path / "server.pem"), str(tmp_path / "server.key"),
+                                                   str(tmp_path / "ca.pem")))
+    try:
+        with pytest.raises(RuntimeError, match=r"(?s)torchserve exited.*Invalid RSA private key"):
+            server.start(timeout=60)
+    finally:
+        server.cleanup()
