@@ -11,11 +11,16 @@ absent (token authorization off).
         to kill the pod; TorchServe restarts them itself); 1 when it does not answer in time.
     probe.py ready --url http://127.0.0.1:8080 --management-url http://127.0.0.1:8081 --model encoder --key-file ...
         0 when /ping says Healthy and the model has at least one READY worker; 1 otherwise, saying why.
+
+Over HTTPS (TorchServe's own TLS, docs/security.md#https), `--ca-bundle ca.pem` names the CA that
+signed the server's certificate; without it the system's trust store is used.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -31,11 +36,11 @@ def read_key(key_file: str, api: str) -> Optional[str]:
         return None
 
 
-def get(url: str, key: Optional[str], timeout: float) -> tuple[int, str]:
-    """(status, body) of GET url; HTTP errors are answers too."""
+def get(url: str, key: Optional[str], timeout: float, tls: Optional[ssl.SSLContext] = None) -> tuple[int, str]:
+    """(status, body) of GET url; HTTP errors are answers too. `tls`: how an https URL is verified."""
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=tls) as response:
             return response.status, response.read().decode("utf-8", "replace")
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode("utf-8", "replace")
@@ -56,13 +61,14 @@ def ready_workers(body: str) -> int:
 def probe(args: argparse.Namespace) -> tuple[bool, str]:
     """(passed, why) for one probe run."""
     try:
-        status, body = get(args.url.rstrip("/") + "/ping", read_key(args.key_file, "inference"), args.timeout)
+        tls = ssl.create_default_context(cafile=args.ca_bundle) if args.ca_bundle else None  # SSLError: not a PEM
+        status, body = get(args.url.rstrip("/") + "/ping", read_key(args.key_file, "inference"), args.timeout, tls)
         if args.kind == "live":
             return True, f"frontend answered /ping with {status}"
         if status != 200:
             return False, f"/ping answered {status}: {one_line(body)}"
         url = f"{args.management_url.rstrip('/')}/models/{args.model}"
-        status, body = get(url, read_key(args.key_file, "management"), args.timeout)
+        status, body = get(url, read_key(args.key_file, "management"), args.timeout, tls)
     except (OSError, ValueError, KeyError) as e:  # refused, timed out, unreadable key file
         return False, f"{args.kind}: {type(e).__name__}: {e}"
     if status != 200:
@@ -79,7 +85,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--model", default="encoder", help="the model that must have a READY worker (ready)")
     parser.add_argument("--key-file", default="key_file.json", help="TorchServe's key file (in its working dir)")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds per HTTP call")
-    passed, why = probe(parser.parse_args(argv))
+    parser.add_argument("--ca-bundle", metavar="PATH", help="HTTPS: the PEM file of the CA that signed the "
+                        "server's certificate (default: the system's trust store)")
+    args = parser.parse_args(argv)
+    if args.ca_bundle is not None and not os.path.isfile(args.ca_bundle):
+        parser.error(f"--ca-bundle {args.ca_bundle!r} does not exist: pass the CA's PEM file")
+    passed, why = probe(args)
     print(why, file=sys.stdout if passed else sys.stderr)
     return 0 if passed else 1
 

@@ -5,6 +5,8 @@ The convention the docs follow (what this file checks):
 - ```bash and ```python blocks run; ```python blocks as `.venv/bin/python - <<'PY'`, same cwd.
 - ```bash no-run blocks are shown, not run; each must start with a command in NO_RUN_COMMANDS
   (tools this machine lacks, or `scripts/test.sh`, which is what runs this file).
+- ```bash https / ```python https blocks talk to a TorchServe serving HTTPS, which this session does not
+  start: tests/test_tls_server.py runs them, in order, against its own (docs/security.md#https).
 - Output examples go in ```text blocks; every fence names its language; no `...` in a runnable block;
   the interpreter is spelled `.venv/bin/python` (and `.venv/bin/torchserve`).
 - The session runs in a scratch copy of the working tree (tracked and untracked-not-ignored files,
@@ -39,6 +41,8 @@ MISSPELT = {"sh", "shell", "console", "zsh", "py", "python3", "pycon", "shell-se
 PORTS = {"8080": 0, "8081": 1, "8082": 2}  # index into the free ports
 GRPC_PORTS = {"grpc_inference_port": 3, "grpc_management_port": 4}
 RUN_TIMEOUT = 300  # seconds for the whole session; the docs aim at well under 120
+# Flag -> the test file that runs such blocks instead of this session.
+RUN_ELSEWHERE = {"https": "tests/test_tls_server.py"}
 BARE_INTERPRETER = re.compile(r"(?:^|(?<!-m)[\s;&|(`$])(python3?|pip3?|torchserve)(?=\s|$)", re.M)
 
 
@@ -55,6 +59,12 @@ class Block:
 
     @property
     def runnable(self) -> bool:
+        """Run in this file's session."""
+        return self.language in RUNNABLE and not {"no-run", *RUN_ELSEWHERE} & set(self.flags)
+
+    @property
+    def code(self) -> bool:
+        """Run somewhere: here or by the test RUN_ELSEWHERE names."""
         return self.language in RUNNABLE and "no-run" not in self.flags
 
     def where(self) -> str:
@@ -120,10 +130,19 @@ def test_no_run_blocks_only_hold_commands_this_machine_cannot_run():
     assert not problems, "\n".join(problems)
 
 
+def test_blocks_run_elsewhere_are_code_and_their_runner_exists():
+    problems = [f"{b.where()}: ```{flag} blocks are run by {runner}, which does not exist"
+                for b in all_blocks() for flag, runner in RUN_ELSEWHERE.items()
+                if flag in b.flags and not os.path.exists(os.path.join(REPO, runner))]
+    problems += [f"{b.where()}: only bash and python blocks can be run elsewhere" for b in all_blocks()
+                 if set(RUN_ELSEWHERE) & set(b.flags) and not b.code]
+    assert not problems, "\n".join(problems)
+
+
 def test_runnable_blocks_are_complete_and_use_the_venv():
     problems = []
     for block in all_blocks():
-        if not block.runnable:
+        if not block.code:
             continue
         if "..." in block.text:
             problems.append(f"{block.where()}: `...` in a block that runs; write the whole command")

@@ -24,6 +24,12 @@ rotated key is picked up on its own). With `management_url=` as well, a key that
 (`token_expiration_min`) is renewed through TorchServe's token API with the file's API key, so a
 local client keeps working however short the expiry.
 
+HTTPS (docs/security.md#https): `verify=` follows requests' convention: True (default) checks the
+server's certificate against the system's trust store (or the bundle `REQUESTS_CA_BUNDLE` /
+`CURL_CA_BUNDLE` names, when set), a path trusts the CA bundle (PEM file or folder) it names, False
+checks nothing. It is passed with every request, so those variables never override a path or False
+(requests lets them override a Session's own `verify`).
+
 Needs numpy and requests only: no torch, no TorchServe.
 """
 from __future__ import annotations
@@ -49,6 +55,7 @@ LOST_WORKER_MESSAGES = ("Worker died", "Worker scaled down")
 # TorchServe 0.12 answers a missing, wrong or expired key with 400 InvalidKeyException.
 AUTH_MARKERS = ("InvalidKeyException", "Token Authorization failed", "Token Authentication failed")
 NPY = "application/x-npy"
+Verify = Union[bool, str]
 
 
 class EmbeddingError(RuntimeError):
@@ -89,6 +96,20 @@ def read_key_file(path: str) -> _Keys:
             pass
     api = (data.get("API") or {}).get("key") if isinstance(data.get("API"), dict) else None
     return _Keys(key, expires, api)
+
+
+def check_verify(verify: Union[bool, str, os.PathLike]) -> Verify:
+    """requests' `verify` value: True, False, or the path of a CA bundle, refused now when it is not there."""
+    if isinstance(verify, bool):
+        return verify
+    if isinstance(verify, (str, os.PathLike)):
+        path = os.fspath(verify)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"verify={path!r}: no such CA bundle; pass the PEM file (or folder) of the CA "
+                                    "that signed the server's certificate, True for the system's trust store, "
+                                    "or False to check nothing")
+        return path
+    raise TypeError(f"verify is a {type(verify).__name__}; expected True, False or the path of a CA bundle")
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -178,6 +199,7 @@ class ClientOptions:
     batch_size: int = 16
     backoff: float = 0.5
     management_url: Optional[str] = None
+    verify: Verify = True
 
 
 class EmbeddingClient:
@@ -189,10 +211,12 @@ class EmbeddingClient:
 
     def __init__(self, url: str, model: str, token: Optional[str] = None, key_file: Optional[str] = None,
                  timeout: float = 120.0, retries: int = 5, batch_size: int = 16, backoff: float = 0.5,
-                 management_url: Optional[str] = None) -> None:
+                 management_url: Optional[str] = None, verify: Verify = True) -> None:
         """`url`: the inference address; `token`: the inference key, or `key_file`: TorchServe's
         key_file.json (re-read when the key is refused); `timeout`: seconds per request; `retries`:
-        tries after a retriable failure; `management_url`: lets a key_file client renew an expired key."""
+        tries after a retriable failure; `management_url`: lets a key_file client renew an expired key;
+        `verify`: True, a CA bundle path or False, for HTTPS (see the module docstring)."""
+        self.verify = check_verify(verify)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.url, self.model = url.rstrip("/"), model
@@ -239,7 +263,11 @@ class EmbeddingClient:
                 headers["Authorization"] = f"Bearer {token}"
             try:
                 response = self._session().request(method, self.endpoint, headers=headers, timeout=self.timeout,
-                                                   **kwargs)
+                                                   verify=self.verify, **kwargs)
+            except requests.exceptions.SSLError as exc:
+                raise EmbeddingError(f"{self.endpoint}: the TLS handshake failed with verify={self.verify!r}: {exc}. "
+                                     "A server whose certificate comes from a private CA needs verify= the path of "
+                                     "that CA's PEM file (docs/security.md#https)") from exc
             except requests.RequestException as exc:
                 raise EmbeddingError(f"{self.endpoint} unreachable after {self.retries} retries: {exc}") from exc
             self._count_retries(len(getattr(getattr(response.raw, "retries", None), "history", ()) or ()))
@@ -320,7 +348,8 @@ class EmbeddingClient:
     def _renew(self, api_key: str) -> None:
         """TorchServe 0.12's token API: a new inference key (and expiry), written to key_file.json."""
         url = f"{self.management_url}/token?type=inference"
-        response = self._session().get(url, headers={"Authorization": f"Bearer {api_key}"}, timeout=self.timeout)
+        response = self._session().get(url, headers={"Authorization": f"Bearer {api_key}"}, timeout=self.timeout,
+                                       verify=self.verify)
         if response.status_code != 200:
             raise TokenError(f"renewing the inference key at {url} failed: HTTP {response.status_code} "
                              f"{response.text[:300]}", response.status_code, response.text)

@@ -10,7 +10,8 @@ from .ts_server import TorchServe
 
 def workers(server: TorchServe, model: str) -> list[dict]:
     """The management API's worker rows of `model` (id, pid, status, ...)."""
-    r = requests.get(f"{server.management_url}/models/{model}", headers=server.headers("management"), timeout=30)
+    r = requests.get(f"{server.management_url}/models/{model}", headers=server.headers("management"), timeout=30,
+                     verify=server.verify)
     r.raise_for_status()
     return r.json()[0].get("workers", [])
 
@@ -26,7 +27,7 @@ def scale(server: TorchServe, model: str, count: int, timeout: float = 180.0, sy
     def ask(wait: bool) -> requests.Response:
         params = {"min_worker": count, "max_worker": count, **({"synchronous": "true"} if wait else {})}
         return requests.put(f"{server.management_url}/models/{model}", params=params,
-                            headers=server.headers("management"), timeout=timeout)
+                            headers=server.headers("management"), timeout=timeout, verify=server.verify)
 
     r = ask(synchronous)
     if synchronous and r.status_code >= 500:

@@ -10,7 +10,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import requests
 
@@ -18,6 +19,17 @@ from image_embedder_testkit.checkout import SHIPPED_CONFIG
 
 PORT_KEYS = ("inference_address", "management_address", "metrics_address")
 GRPC_KEYS = ("grpc_inference_port", "grpc_management_port")
+TLS_KEYS = ("private_key_file", "certificate_file")
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """TorchServe's own HTTPS: the PEM files it serves (an RSA key, the certificate chain) and the CA
+    bundle that clients verify them against."""
+
+    certificate_file: str
+    private_key_file: str
+    ca_bundle: str
 
 
 def free_ports(count: int) -> list[int]:
@@ -61,10 +73,14 @@ def _torchserve() -> str:
 
 
 class TorchServe:
-    """Start with `start()`, stop with `stop()`; `inference_url`, `management_url`, `metrics_url`, `headers()`."""
+    """Start with `start()`, stop with `stop()`; `inference_url`, `management_url`, `metrics_url`, `headers()`.
+
+    With `tls`, every HTTP address is https:// with TorchServe's `private_key_file`/`certificate_file`,
+    and `verify` (requests' argument, passed with each call) is the CA bundle; else it is True."""
 
     def __init__(self, model_store: str, models: str = "", overrides: Optional[dict] = None,
-                 base_config: str = SHIPPED_CONFIG, env: Optional[dict] = None) -> None:
+                 base_config: str = SHIPPED_CONFIG, env: Optional[dict] = None,
+                 tls: Optional[ServerTls] = None) -> None:
         self.model_store = os.path.abspath(model_store)
         self.extra_env = dict(env or {})  # for the frontend and, through it, every worker
         self.models = models
@@ -73,9 +89,12 @@ class TorchServe:
         os.makedirs(self.tmpdir)
         ports = free_ports(5)
         self.ports = dict(zip(PORT_KEYS + GRPC_KEYS, ports))
-        self.inference_url = f"http://127.0.0.1:{ports[0]}"
-        self.management_url = f"http://127.0.0.1:{ports[1]}"
-        self.metrics_url = f"http://127.0.0.1:{ports[2]}"
+        self.tls = tls
+        self.verify: Union[bool, str] = tls.ca_bundle if tls else True
+        scheme = "https" if tls else "http"
+        self.inference_url = f"{scheme}://127.0.0.1:{ports[0]}"
+        self.management_url = f"{scheme}://127.0.0.1:{ports[1]}"
+        self.metrics_url = f"{scheme}://127.0.0.1:{ports[2]}"
         self.config_path = os.path.join(self.workdir, "config.properties")
         self._write_config(base_config, overrides or {})
         self.keys: dict[str, str] = {}
@@ -86,11 +105,13 @@ class TorchServe:
         with open(base_config) as f:
             for line in f:
                 key = line.split("=", 1)[0].strip()
-                if key in self.ports or key in overrides or key == "model_store":
+                if key in self.ports or key in overrides or key in TLS_KEYS or key == "model_store":
                     continue
                 lines.append(line.rstrip("\n"))
-        for key in PORT_KEYS:
-            lines.append(f"{key}=http://127.0.0.1:{self.ports[key]}")
+        for key, url in zip(PORT_KEYS, (self.inference_url, self.management_url, self.metrics_url)):
+            lines.append(f"{key}={url}")
+        if self.tls:
+            lines += [f"private_key_file={self.tls.private_key_file}", f"certificate_file={self.tls.certificate_file}"]
         for key in GRPC_KEYS:
             lines.append(f"{key}={self.ports[key]}")
         lines.append(f"model_store={self.model_store}")
@@ -122,10 +143,14 @@ class TorchServe:
             if self._read_keys():
                 try:
                     # TorchServe 0.12 guards /ping with the inference token too.
-                    r = requests.get(self.inference_url + "/ping", headers=self.headers(), timeout=2)
+                    r = requests.get(self.inference_url + "/ping", headers=self.headers(), timeout=2,
+                                     verify=self.verify)
                     if r.status_code == 200 and r.json().get("status") == "Healthy" or (
                             not healthy and r.status_code == 500):
                         return self
+                except requests.exceptions.SSLError as exc:  # listening, but no handshake will ever pass
+                    self.stop()
+                    raise RuntimeError(f"torchserve's TLS refused: {exc}\n{self.log_tail()}") from exc
                 except (requests.RequestException, ValueError):
                     pass
             time.sleep(0.3)
@@ -150,7 +175,8 @@ class TorchServe:
         """Block until `model` has `count` READY workers."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            r = requests.get(f"{self.management_url}/models/{model}", headers=self.headers("management"), timeout=5)
+            r = requests.get(f"{self.management_url}/models/{model}", headers=self.headers("management"), timeout=5,
+                             verify=self.verify)
             if r.status_code == 200:
                 workers = r.json()[0].get("workers", [])
                 if sum(w.get("status") == "READY" for w in workers) >= count:

@@ -6,7 +6,8 @@
 Built on image_embedder_client.EmbeddingClient (docs/client.md): each batch is one request, several
 in flight at once, with a progress bar in images/s; lost workers (500 "Worker died."), 503, 507,
 dropped connections and timeouts are retried with backoff, and a refused key is re-read from
---key-file (renewed through --management-url when it has expired; docs/auth.md). Every finished
+--key-file (renewed through --management-url when it has expired; docs/auth.md). Over HTTPS,
+--ca-bundle names the CA that signed the server's certificate (docs/security.md#https). Every finished
 batch is written to a checkpoint shard, so running the same command again after a crash or Ctrl-C
 resumes where it stopped; running it again after it finished says so and sends nothing.
 At the end: out/embeddings.npy (N, D) float32 and out/names.txt (one name per line, same order),
@@ -304,6 +305,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--key-file", help="TorchServe's key_file.json (default: ./key_file.json if present)")
     parser.add_argument("--management-url", help="TorchServe management address: renews an expired key "
                         "from --key-file (docs/auth.md)")
+    tls = parser.add_mutually_exclusive_group()
+    tls.add_argument("--ca-bundle", metavar="PATH", help="HTTPS: the PEM file of the CA that signed the server's "
+                     "certificate (default: the system's trust store; docs/security.md#https)")
+    tls.add_argument("--insecure", action="store_true", help="HTTPS: check no certificate (testing only)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per request")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
     parser.add_argument("--format", choices=("npy", "parquet"), default="npy")
@@ -319,9 +324,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in ("batch_size", "concurrency"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.ca_bundle is not None and not os.path.exists(args.ca_bundle):
+        parser.error(f"--ca-bundle {args.ca_bundle!r} does not exist: pass the PEM file of the CA that signed the "
+                     "server's certificate (or leave it out to use the system's trust store)")
     client = ClientOptions(args.url, args.model, token=args.token, key_file=args.key_file, timeout=args.timeout,
                            retries=args.retries, batch_size=args.batch_size, backoff=args.backoff,
-                           management_url=args.management_url)
+                           management_url=args.management_url,
+                           verify=False if args.insecure else (args.ca_bundle or True))
     settings = RunSettings(args.inputs, args.out, client, concurrency=args.concurrency, fmt=args.format,
                            restart=args.restart, max_batches=args.max_batches, quiet=args.quiet)
     try:
