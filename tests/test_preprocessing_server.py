@@ -13,10 +13,10 @@ import yaml
 
 from image_embedder_testkit.bodies import encoded_image, npy_bytes
 from image_embedder_testkit.imagenet import MEAN, STD
+from image_embedder_testkit.model_files import example_with
 from image_embedder_testkit.reference import reference_embeddings
 from image_embedder_testkit.ts_server import TorchServe
 from image_embedder_tools.build import ArchiveSpec, build_archive
-from image_embedder_testkit.model_files import example_with
 
 pytestmark = pytest.mark.server
 
@@ -44,8 +44,9 @@ def server(example_files, tmp_path_factory):
     for preset in ("imagenet", "unit", "none"):
         build_archive(ArchiveSpec(example_files["model_file"], example_files["class"], example_files["state_dict"],
                                   "conv1", name=preset, preset=preset, **common), quiet=True)
-    build_archive(ArchiveSpec(example_with(str(store), "declared_model", f"IMAGE_PREPROCESSING = {DECLARED!r}"), example_files["class"],
-                              example_files["state_dict"], "conv1", name="declared", **common), quiet=True)
+    declaring = example_with(str(store), "declared_model", f"IMAGE_PREPROCESSING = {DECLARED!r}")
+    build_archive(ArchiveSpec(declaring, example_files["class"], example_files["state_dict"], "conv1",
+                              name="declared", **common), quiet=True)
     names = ("imagenet", "unit", "none", "declared")
     ts = TorchServe(str(store), ",".join(f"{n}={n}.mar" for n in names)).start(timeout=240)
     try:
