@@ -19,7 +19,7 @@ def test_gpu_page_matches_the_model_config_the_configmap_and_the_deployment():
     config = yaml.safe_load(_read("examples/model-config-gpu.yaml"))
     assert f"| `batchSize` / `maxBatchDelay` | {config['batchSize']} / {config['maxBatchDelay']} ms" in page
     assert "--config-file examples/model-config-gpu.yaml" in page and "--batch-size 32" in page
-    [workers] = re.findall(r"default_workers_per_model=(\d+)", page)
+    [workers] = set(re.findall(r"default_workers_per_model=(\d+)", page))
     assert f"default_workers_per_model={workers}" in _read("deploy/k8s/configmap.yaml")
     assert 'nvidia.com/gpu: "1"' in page and 'nvidia.com/gpu: "1"' in _read("deploy/k8s/deployment-gpu.yaml")
     assert "[docs/gpu.md](docs/gpu.md)" in _read("README.md")

@@ -57,8 +57,11 @@ def test_describe_learns_embedding_dim_and_lists_preprocessing(plain, example_mo
     [before] = plain.predict([Request(b"", headers={"describe": "true"})])
     doc = before.json()
     assert doc["embedding_dim"] is None and doc["input_shape"] is None  # nothing ran yet
+    summary = doc["preprocessing"].pop("summary")
     assert doc["preprocessing"] == {"color_mode": "auto", "resize": 20, "center_crop": 16, "scale": 0.5,
                                     "mean": [0.1, 0.2, 0.3], "std": [2.0, 2.0, 2.0]}
+    assert summary.startswith("PNG/JPEG resized to 20 on the shorter side, center-cropped to 16x16;")
+    assert "pixels 0..255 times 0.5 (0..127.5), minus mean [0.1, 0.2, 0.3], divided by std [2, 2, 2]" in summary
     assert doc["limits"] == {"max_images_per_request": 1024, "max_batch_pixels": 32 * 3 * 512 * 512}
     assert "application/x-npy" in doc["content_types"] and "image/png" in doc["content_types"]
     x = images(1)

@@ -45,7 +45,7 @@ def test_ignore_keys_drops_exactly_those_and_the_archive_holds_the_model_weights
     code = main(["--model-file", example_files["model_file"], "--model-class", "CustomModel", "--state-dict",
                  with_head, "--layer", "conv1", "--ignore-keys", "head.", "--export-path", str(tmp_path / "store")])
     assert code == 0, capsys.readouterr().err
-    assert "dropped (ignore_keys) head.bias, head.weight" in capsys.readouterr().err
+    assert "weights: a plain state_dict: 10 tensors; dropped (ignore_keys) head.bias, head.weight" in capsys.readouterr().err
     with zipfile.ZipFile(tmp_path / "store" / "encoder.mar") as z:
         handler = yaml.safe_load(z.read("model-config.yaml"))["handler"]
         weights = torch.load(io.BytesIO(z.read(handler["model_state_dict_path"])), weights_only=True)

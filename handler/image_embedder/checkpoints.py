@@ -90,7 +90,8 @@ class Unwrapped:
         return not self.reading.path and not self.reading.prefix and not self.ignored and not self.dropped
 
     def summary(self) -> str:
-        what = "a plain state_dict" if self.is_plain else self.reading.describe()
+        plain = not self.reading.path and not self.reading.prefix and not self.ignored
+        what = "a plain state_dict" if plain else self.reading.describe()
         text = f"{what}: {len(self.state)} tensors"
         for verb, names in (("ignored", self.ignored), ("dropped (ignore_keys)", self.dropped)):
             if names:

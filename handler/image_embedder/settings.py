@@ -59,7 +59,7 @@ class EncoderSettings:
     strip_prefix: Optional[str] = None
     checkpoint_detect: bool = True
     keep_weights_dtype: bool = False  # True: run in the weights' dtype instead of casting to the model's
-    ignore_keys: Sequence[str] = ()  # checkpoint weights the model lacks (a training head), dropped by prefix
+    ignore_keys: Sequence[str] = field(default_factory=list)  # checkpoint weights the model lacks (a training head), dropped by prefix
     malloc_arena_max: int = 2  # glibc malloc arenas per worker (allocator.py); 0: glibc's default, 8 per core
 
     def pass_size(self, device_type: str) -> int:
