@@ -2,10 +2,11 @@
 
 A worker allocates image-sized buffers (decoded pixels, batches, activations) from its decode
 threads and torch's threads. glibc gives each thread that contends for the heap an arena of its
-own, up to 8 per core, and memory freed in one arena is not reused by another: under a mix of
-request kinds a worker's resident memory creeps up as each arena keeps its own high-water mark
-(docs/reliability.md shows the soak). Capping the arenas bounds it; `MALLOC_ARENA_MAX` in the
-environment does the same from the process's start and wins over the setting.
+own, up to 8 per core, and memory freed in one arena is reused only within it, so the arenas a
+worker keeps grow with the node's cores. Capping them bounds that on many-core nodes; on 2 cores
+the soak measured no difference (docs/reliability.md#memory-over-hours, where the growth it was
+looking for turned out to be reference cycles). `MALLOC_ARENA_MAX` in the environment does the same
+from the process's start and wins over the setting.
 """
 from __future__ import annotations
 
