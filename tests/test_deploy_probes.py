@@ -45,14 +45,7 @@ def pod_config(tmp_path_factory) -> str:
 
 
 def start(model_store: str, config: str, server_class=TorchServe) -> TorchServe:
-    server = server_class(model_store, "encoder=encoder.mar", base_config=config)
-    try:
-        server.start()
-        server.wait_for_workers("encoder")
-    except Exception:
-        server.cleanup()
-        raise
-    return server
+    return server_class(model_store, "encoder=encoder.mar", base_config=config).serve("encoder")
 
 
 @pytest.fixture(scope="module")

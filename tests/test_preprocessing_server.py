@@ -48,13 +48,9 @@ def server(example_files, tmp_path_factory):
     build_archive(ArchiveSpec(declaring, example_files["class"], example_files["state_dict"], "conv1",
                               name="declared", **common), quiet=True)
     names = ("imagenet", "unit", "none", "declared")
-    ts = TorchServe(str(store), ",".join(f"{n}={n}.mar" for n in names)).start(timeout=240)
-    try:
-        for name in names:
-            ts.wait_for_workers(name, timeout=240)
-        yield ts
-    finally:
-        ts.cleanup()
+    ts = TorchServe(str(store), ",".join(f"{n}={n}.mar" for n in names)).serve(*names, timeout=240)
+    yield ts
+    ts.cleanup()
 
 
 @pytest.fixture(scope="module")

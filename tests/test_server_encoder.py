@@ -116,10 +116,8 @@ def batching_server(tmp_path_factory):
                                       "responseTimeout": 120}))
     build_archive(ArchiveSpec(model_file, "NestedNet", weights, LAYER, model_kwargs={"log_batches": True},
                   config_file=str(config), name=NAME, export_path=str(store)), quiet=True)
-    server = TorchServe(str(store), f"{NAME}={NAME}.mar")
+    server = TorchServe(str(store), f"{NAME}={NAME}.mar").serve(NAME, timeout=240)
     try:
-        server.start(timeout=240)
-        server.wait_for_workers(NAME, 1, timeout=240)
         reference = load_reference_model(model_file, "NestedNet", weights)
         yield server, reference
     finally:

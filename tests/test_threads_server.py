@@ -81,9 +81,7 @@ def probe(tmp_path_factory):
     build_archive(ArchiveSpec(os.path.join(TEST_MODELS, "thread_probe.py"), "ThreadProbe", None, "probe",
                               model_kwargs={"gate": str(gate)}, name="probe", export_path=str(store),
                               config_file=str(config)), quiet=True)
-    server = TorchServe(str(store), "probe=probe.mar")
-    server.start(timeout=240)
-    server.wait_for_workers("probe", 2, timeout=240)
+    server = TorchServe(str(store), "probe=probe.mar").serve("probe", workers=2, timeout=240)
     yield Probe(server, str(gate))
     server.cleanup()
 

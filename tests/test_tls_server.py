@@ -49,13 +49,7 @@ def https_server(model_store, example_archive, tls):
     if not java_available():
         pytest.fail("TorchServe needs Java 17 (apt-get install -y openjdk-17-jre-headless)")
     server = TorchServe(model_store, "encoder=encoder.mar", {"default_workers_per_model": "1"}, tls=tls)
-    try:
-        server.start()
-        server.wait_for_workers("encoder")
-    except Exception:
-        server.cleanup()
-        raise
-    yield server
+    yield server.serve("encoder")
     server.cleanup()
 
 

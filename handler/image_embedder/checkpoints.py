@@ -43,11 +43,11 @@ class UnwrapOptions:
     def from_settings(cls, settings: Any) -> "UnwrapOptions":
         """The options from EncoderSettings (or anything with the same attributes)."""
         return cls(settings.checkpoint_key, settings.strip_prefix, settings.checkpoint_detect,
-                   settings.keep_weights_dtype, tuple(getattr(settings, "ignore_keys", ()) or ()))
+                   settings.keep_weights_dtype, tuple(settings.ignore_keys))
 
     def drops(self, key: str) -> bool:
         """`key` (prefix already stripped) is one of the weights ignore_keys leaves out."""
-        return key.startswith(self.ignore_keys) if self.ignore_keys else False
+        return key.startswith(self.ignore_keys)  # False for no prefixes
 
 
 @dataclass(frozen=True)
@@ -85,13 +85,17 @@ class Unwrapped:
     dropped: list[str] = field(default_factory=list)  # weights left out by ignore_keys
 
     @property
+    def whole_file(self) -> bool:
+        """The weights are the file's top level itself: nothing taken, stripped or ignored."""
+        return not self.reading.path and not self.reading.prefix and not self.ignored
+
+    @property
     def is_plain(self) -> bool:
-        """The file already was the plain state_dict (nothing taken, stripped, ignored or dropped)."""
-        return not self.reading.path and not self.reading.prefix and not self.ignored and not self.dropped
+        """The file already was the plain state_dict: the whole file, and nothing dropped."""
+        return self.whole_file and not self.dropped
 
     def summary(self) -> str:
-        plain = not self.reading.path and not self.reading.prefix and not self.ignored
-        what = "a plain state_dict" if plain else self.reading.describe()
+        what = "a plain state_dict" if self.whole_file else self.reading.describe()
         text = f"{what}: {len(self.state)} tensors"
         for verb, names in (("ignored", self.ignored), ("dropped (ignore_keys)", self.dropped)):
             if names:

@@ -17,7 +17,4 @@ def private_example_server(example_archive: str, store: str, overrides: Optional
     if not java_available():
         pytest.fail("TorchServe needs Java 17 (apt-get install -y openjdk-17-jre-headless)")
     shutil.copy(example_archive, os.path.join(store, "encoder.mar"))
-    server = TorchServe(store, "encoder=encoder.mar", overrides=overrides)
-    server.start(timeout=timeout)
-    server.wait_for_workers("encoder", timeout=timeout)
-    return server
+    return TorchServe(store, "encoder=encoder.mar", overrides=overrides).serve("encoder", timeout=timeout)

@@ -85,11 +85,4 @@ def start_feature_server(example_files: dict, store: str) -> TorchServe:
     chlast = build_feature_archives(example_files, store)
     server = TorchServe(store, "images=images.mar,multi=multi.mar,chlast=chlast.mar")  # shipped config.properties
     server.chlast = chlast  # type: ignore[attr-defined]
-    try:
-        server.start(timeout=240)
-        for name in ("images", "multi", "chlast"):
-            server.wait_for_workers(name, timeout=240)
-    except Exception:
-        server.cleanup()
-        raise
-    return server
+    return server.serve("images", "multi", "chlast", timeout=240)

@@ -206,6 +206,18 @@ class TorchServe:
         self._out.close()
         self.process = None
 
+    def serve(self, *models: str, workers: int = 1, timeout: float = 120.0) -> "TorchServe":
+        """start(), then wait until each of `models` has `workers` READY workers; if either fails, the
+        server is stopped and its folder removed before the error goes on."""
+        try:
+            self.start(timeout=timeout)
+            for model in models:
+                self.wait_for_workers(model, workers, timeout=timeout)
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)

@@ -20,6 +20,7 @@ import shutil
 import sys
 import tempfile
 from dataclasses import KW_ONLY, dataclass, field
+from types import ModuleType
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -163,25 +164,23 @@ def _clean_name(path: str) -> str:
     return base + ".pth"
 
 
-def prepare_weights(spec: ArchiveSpec, settings: EncoderSettings, root: str,
-                    say: Callable[..., None]) -> tuple[str, torch.nn.Module]:
-    """Find the weights in the user's file, load them into the model, and write them clean into `root`.
+def prepare_weights(spec: ArchiveSpec, settings: EncoderSettings, model: torch.nn.Module, root: str,
+                    say: Callable[..., None]) -> str:
+    """Find the weights in the user's file, load them into `model` (built from the staged definition
+    file), and write them clean into `root`.
 
-    Returns the path of the file the archive holds (the user's own file when it already is the
-    plain state_dict, else the weights alone: no optimizer state, no container, no prefix, in
-    their own dtype, as a torch file or safetensors as the source was) and the model, built from the
-    staged definition file and holding those weights.
+    Returns the path of the file the archive holds: the user's own file when it already is the
+    plain state_dict, else the weights alone (no optimizer state, no container, no prefix, in
+    their own dtype, as a torch file or safetensors as the source was).
     """
     source = spec.state_dict
     assert source is not None
-    model = build_model(import_model_file(os.path.join(root, os.path.basename(spec.model_file))),
-                        spec.model_class, spec.model_kwargs)
     report = load_weights(model, source, UnwrapOptions.from_settings(settings))
     for line in report.lines():
         say(f"weights: {line}")
     if report.found.is_plain and not source.endswith(INDEX_SUFFIX):
         shutil.copy2(source, root)
-        return source, model
+        return source
     target = os.path.join(root, _clean_name(source))
     if os.path.exists(target):
         raise ConfigError(f"the clean weights of {source!r} would be named {os.path.basename(target)!r} in the "
@@ -195,7 +194,7 @@ def prepare_weights(spec: ArchiveSpec, settings: EncoderSettings, root: str,
     before, after = _source_size(source), os.path.getsize(target)
     say(f"weights: the archive holds the weights alone as {os.path.basename(target)}, {_size(after)}; "
         f"{os.path.basename(source)} was {_size(before)}: {100 * (before - after) / before:.0f}% smaller")
-    return target, model
+    return target
 
 
 def build_archive(spec: ArchiveSpec, quiet: bool = False) -> str:
@@ -248,10 +247,12 @@ def _forgotten_sibling(spec: ArchiveSpec) -> Iterator[None]:
 def _check_model(spec: ArchiveSpec, handler: dict[str, Any], root: str, say: Callable[..., None]) -> dict[str, Any]:
     """Build the model once from the staged `root`, with the user's weights cleaned into it, resolve its
     layers and (with an input shape) run it once; returns the archive's `handler:` section."""
-    handler, source = with_preprocessing(spec, handler, root)
+    module = import_model_file(os.path.join(root, os.path.basename(spec.model_file)))  # the only import
+    handler, source = with_preprocessing(spec, handler, module)
     settings = EncoderSettings.from_mapping(handler)
     say(f"preprocessing ({source}): {summary(settings)}")
-    weights, model = prepare_weights(spec, settings, root, say) if spec.state_dict else (None, None)
+    model = build_model(module, spec.model_class, spec.model_kwargs)
+    weights = prepare_weights(spec, settings, model, root, say) if spec.state_dict else None
     handler = {k: v for k, v in handler.items() if k not in UNWRAP_SETTINGS}
     if weights:
         handler.update(model_state_dict_path=os.path.basename(weights), sha256=file_sha256(weights))
@@ -264,10 +265,9 @@ def _check_model(spec: ArchiveSpec, handler: dict[str, Any], root: str, say: Cal
     return handler
 
 
-def with_preprocessing(spec: ArchiveSpec, handler: dict[str, Any], root: str) -> tuple[dict[str, Any], str]:
+def with_preprocessing(spec: ArchiveSpec, handler: dict[str, Any], module: ModuleType) -> tuple[dict[str, Any], str]:
     """`handler` over the preset over the model file's IMAGE_PREPROCESSING (explicit settings win), and
     where the preprocessing came from, or how to declare it when nothing did."""
-    module = import_model_file(os.path.join(root, os.path.basename(spec.model_file)))
     from_file = declared(module) or {}
     from_preset = preset(spec.preset) if spec.preset else {}
     explicit = sorted(k for k in DECLARABLE if k in handler)
