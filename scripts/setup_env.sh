@@ -21,6 +21,12 @@ fi
 stamp=.venv/.requirements.sha
 want=$(cat requirements.txt pyproject.toml client/pyproject.toml ${MODEL_REQUIREMENTS:+"$MODEL_REQUIREMENTS"} \
   | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] && [ -L .venv ]; then
+  # A linked .venv belongs to another checkout (the docs run's scratch copy links the real one): installing
+  # from here would point its editable install at this copy. Install from the checkout that owns it.
+  echo "setup_env.sh: .venv links to $(readlink -f .venv), whose requirements changed: run scripts/setup_env.sh in its checkout" >&2
+  exit 1
+fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q -r requirements.txt >&2
   # This project itself (engine, client, tools, bench, testkit, the image-embedder command), editable, with the
