@@ -26,6 +26,7 @@ from image_embedder_client import (ClientOptions, EmbeddingClient, EmbeddingErro
 from image_embedder_testkit.example_server import private_example_server
 from image_embedder_testkit.management import scale, workers
 from image_embedder_testkit.reference import reference_embeddings
+from image_embedder_testkit.bodies import npy_bytes
 from image_embedder_testkit.scripted import scripted_embeddings, scripted_reply
 
 WORKER_DIED = b'{"code": 500, "type": "InternalServerException", "message": "Worker died."}'
@@ -138,6 +139,53 @@ def test_retries_what_is_safe_and_nothing_else(scripted, tmp_path):
     with pytest.raises(EmbeddingError, match="HTTP 500.*decoding failed"):  # a real server error: not retried
         client.embed(np.zeros((3, 4, 4)))
     assert len(Scripted.seen) == 1
+
+
+class LateAnswer(BaseHTTPRequestHandler):
+    """TorchServe 0.12 scaling a worker down mid-batch: `WorkerThread.shutdown` puts the batch back in the
+    queue for another worker while the stopped worker's thread fails the same jobs with 500 "Worker
+    died."; a job has no "answered" guard, so its real answer follows later on the same keep-alive
+    connection. Here the first request gets that 500, and from then on its connection answers every
+    request with the answer still owed (the previous request's). Other connections answer at once.
+    An image's embedding is its mean, twice."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as TorchServe
+    first = True
+    connections = 0
+
+    def setup(self):
+        super().setup()
+        type(self).connections += 1
+        self.owed: Optional[bytes] = None  # this connection's late answer, when it has one
+
+    def do_POST(self):  # noqa: N802
+        images = np.load(io.BytesIO(self.rfile.read(int(self.headers["Content-Length"]))), allow_pickle=False)
+        answer = npy_bytes(np.repeat(images.reshape(len(images), -1).mean(1, keepdims=True), 2, 1).astype(np.float32))
+        if type(self).first:
+            type(self).first, self.owed = False, answer
+            scripted_reply(self, 500, WORKER_DIED, "application/json")
+        elif self.owed is not None:
+            self.owed, answer = answer, self.owed
+            scripted_reply(self, 200, answer, "application/x-npy")
+        else:
+            scripted_reply(self, 200, answer, "application/x-npy")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_late_answer_after_a_lost_worker_is_never_read_as_the_next_requests():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), LateAnswer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = EmbeddingClient(f"http://127.0.0.1:{server.server_port}", "m", retries=3, backoff=0.01)
+        for value in (10, 20, 30):  # reusing the first connection, 20 would get 10's answer
+            got = client.embed(np.full((2, 3, 4, 4), value, np.uint8))
+            np.testing.assert_array_equal(got, np.full((2, 2), value, np.float32))
+        assert client.retried == 1 and LateAnswer.connections == 2  # the retry and what follows on a new one
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_refused_key_is_read_again_from_the_key_file(scripted, tmp_path):
