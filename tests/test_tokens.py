@@ -67,8 +67,8 @@ def post(server, token: str, image: np.ndarray) -> requests.Response:
 @pytest.mark.slow
 @pytest.mark.server
 def test_a_client_following_the_docs_outlives_one_minute_keys(short_expiry_server, example_model):
-    """3 minutes across expiries: the keys handed out at start stop working, TorchServe renews nothing
-    by itself, and the documented client (key_file + management_url) never misses an answer."""
+    """135 s, across two expiries at least: the keys handed out at start stop working, TorchServe renews
+    nothing by itself, and the documented client (key_file + management_url) never misses an answer."""
     server = short_expiry_server
     first = key_file_data(server)
     rng = np.random.default_rng(70)
@@ -81,7 +81,7 @@ def test_a_client_following_the_docs_outlives_one_minute_keys(short_expiry_serve
 
     def stream(offset: int) -> None:  # three threads share the client, as embed.py's do
         n = offset
-        while time.monotonic() - start < 185:
+        while time.monotonic() - start < 135:
             i = n % len(images)
             try:
                 answers.append((i, client.embed(images[i]), time.monotonic() - start))
@@ -97,10 +97,12 @@ def test_a_client_following_the_docs_outlives_one_minute_keys(short_expiry_serve
         thread.join(timeout=300)
     assert not failures, failures
     minutes = {int(at // 60) for *_, at in answers}
-    assert {0, 1, 2, 3} <= minutes, sorted(minutes)  # answered in every minute, and past the third expiry
+    assert {0, 1, 2} <= minutes, sorted(minutes)  # answered in every minute, and past the second expiry
     for i, got, _ in answers:
         np.testing.assert_allclose(got, expected[i: i + 1], atol=1e-5)
-    assert 2 <= client.renewed <= 4  # one renewal per expiry (after ~1, 2 and 3 min), not one per thread
+    # One renewal per expiry, not one per thread: the start keys expire within the first 60 s (made
+    # before the test), each renewed key 60 s after its renewal: two expiries by ~122 s, three at most.
+    assert 2 <= client.renewed <= 3
     # what expired: both keys made at start; TorchServe refuses them and rewrote nothing by itself
     assert time.time() > expires(first["inference"]) and time.time() > expires(first["management"])
     stale = post(server, first["inference"]["key"], images[0])
