@@ -23,6 +23,8 @@ import sys
 import tempfile
 from typing import Optional
 
+from image_embedder_bench.json_out import write_json
+
 VARIANTS = {"glibc default": {"MALLOC_ARENA_MAX": "0"}, "cap 2 (malloc_arena_max)": {}}
 
 
@@ -86,9 +88,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{name:26} arenas {last['arenas']:3}  RSS after batch 1 {first['rss_mb']:.0f} MB, after "
               f"{warm['batch']} {warm['rss_mb']:.0f} MB, after {last['batch']} {last['rss_mb']:.0f} MB", flush=True)
     print(f"load average {os.getloadavg()[0]:.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    write_json(args.json, results)
     return 0
 
 

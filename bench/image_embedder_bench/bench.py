@@ -24,7 +24,6 @@ measure.py, what is printed is report.py; this module is the run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -36,6 +35,7 @@ from typing import Optional
 import torch
 
 from image_embedder_bench.cases import PAYLOADS, make_payloads, select_cases
+from image_embedder_bench.json_out import write_json
 from image_embedder_bench.measure import (Measurement, build_store, decode_rows, draft_accuracy, encoder_for,
                                           floor_rows, handler_breakdown, in_process_rows, make_models, option_report,
                                           run_rounds, served_rows, wait_for_archives)
@@ -102,9 +102,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         results.update(wall_s=time.perf_counter() - t_start, load_before=load_before, load_after=os.getloadavg())
         print(f"\nbench finished in {results['wall_s']:.0f}s; load average before {load_before[0]:.2f}, "
               f"after {results['load_after'][0]:.2f} (1 min)")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=1)
+        write_json(args.json, results)
         return 1 if results["errors"] else 0
     finally:
         if server is not None:

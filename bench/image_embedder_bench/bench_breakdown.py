@@ -31,6 +31,7 @@ import requests
 
 from image_embedder_bench.bench_client import run_clients
 from image_embedder_bench.cases import NPY, SHAPE, ModelSpec
+from image_embedder_bench.json_out import write_json
 from image_embedder_bench.measure import build_store, encoder_for, limit_runner, make_models
 from image_embedder_testkit.bodies import npy_bytes
 from image_embedder_testkit.checkout import REPO
@@ -193,9 +194,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             results["overlap"] = overlap(work, spec, body, args.requests)
         results["load_after"] = os.getloadavg()
         print(json.dumps(results, indent=1))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=1)
+        write_json(args.json, results)
         return 0
     finally:
         if server is not None:

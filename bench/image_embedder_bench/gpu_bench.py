@@ -25,6 +25,7 @@ from image_embedder.image_decoding import ImageDecoder, default_decode_threads
 from image_embedder.settings import EncoderSettings
 from image_embedder_bench import bench_models
 from image_embedder_bench.bench_photos import jpegs
+from image_embedder_bench.json_out import write_json
 from image_embedder_testkit.compare import cosine_min
 from image_embedder_testkit.imagenet import IMAGENET
 
@@ -115,9 +116,7 @@ def main(argv=None) -> int:
     rows += decode_rows(files)
     result = {"device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
               "torch": torch.__version__, "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.json, result)
     return 0
 
 

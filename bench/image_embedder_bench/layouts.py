@@ -42,6 +42,7 @@ from image_embedder_tools.build import ArchiveSpec, build_archive
 from . import bench_models, limits
 from .bench_client import RunResult, run_clients
 from .bench_photos import jpegs
+from .json_out import write_json
 from .limits import Engine
 from .soak import rss_mb
 
@@ -364,9 +365,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         results["errors"] = problems + [e for r in rows for e in r.errors]
         for problem in problems:
             print(f"ERROR: {problem}")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=1)
+        write_json(args.json, results)
         if args.plot:
             from .plot import plot_layouts
 

@@ -28,6 +28,7 @@ from typing import Optional
 import numpy as np
 import requests
 
+from image_embedder_bench.json_out import write_json
 from image_embedder_testkit.bodies import npy_bytes
 from image_embedder_testkit.checkout import EXAMPLE_MODEL
 from image_embedder_testkit.management import scale, workers
@@ -308,9 +309,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for r in failures[:20]:
         print(f"  failed: client {r.client} seq {r.seq} status {r.status} {r.outcome}: {r.detail[:120]}")
     print(json.dumps(report, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_json(args.json, report)
     bad = report["outcomes"].get("wrong", 0) + report["outcomes"].get("crossed", 0) + report["outcomes"].get("timeout", 0)
     return 1 if bad else 0
 

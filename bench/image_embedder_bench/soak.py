@@ -32,6 +32,8 @@ import numpy as np
 import psutil
 import requests
 
+from image_embedder_bench.json_out import write_json
+
 KINDS = ("npy4", "jpeg", "garbage")
 SETTINGS = {"resize": 256, "center_crop": 224, "scale": 1 / 255}  # the example as a user serves photos
 
@@ -263,9 +265,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for pid, w in result["workers"].items():
         print(f"  worker {pid}: RSS after warm-up {w['rss_after_warmup_mb']} MB, at the end {w['rss_end_mb']:.0f} MB, "
               f"slope {w['slope_mb_per_min']:+.2f} MB/min")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({k: v for k, v in result.items() if k != "rows"}, f, indent=1)
+    write_json(args.json, {k: v for k, v in result.items() if k != "rows"})
     if args.plot:
         plot(result["rows"], args.plot, f"{args.mix}, {args.clients} clients")
         print(f"chart: {args.plot}")
