@@ -295,7 +295,8 @@ def _finish(settings: RunSettings, items: Sequence[Item], batches_done: int, che
     return {"outputs": outputs, "dim": dim}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """The command line, checked: sizes at least 1, a CA bundle that exists."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="folders of PNG/JPEG/.npy files, .npy files, or images")
     parser.add_argument("--out", required=True, help="output folder (also holds the checkpoint)")
@@ -327,6 +328,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.ca_bundle is not None and not os.path.exists(args.ca_bundle):
         parser.error(f"--ca-bundle {args.ca_bundle!r} does not exist: pass the PEM file of the CA that signed the "
                      "server's certificate (or leave it out to use the system's trust store)")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
     client = ClientOptions(args.url, args.model, token=args.token, key_file=args.key_file, timeout=args.timeout,
                            retries=args.retries, batch_size=args.batch_size, backoff=args.backoff,
                            management_url=args.management_url,
