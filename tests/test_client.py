@@ -22,7 +22,7 @@ from PIL import Image
 
 from image_embedder_bench.load_test import kill_worker, wait_for_replacement
 from image_embedder_client import (ClientOptions, EmbeddingClient, EmbeddingError, TokenError, encode_batch,
-                                  flatten_images)
+                                  flatten_images, load_npy)
 from image_embedder_testkit.example_server import private_example_server
 from image_embedder_testkit.management import scale, workers
 from image_embedder_testkit.reference import reference_embeddings
@@ -83,7 +83,7 @@ class Scripted(BaseHTTPRequestHandler):
 
     def do_POST(self):  # noqa: N802
         body = self.rfile.read(int(self.headers["Content-Length"]))
-        n = len(np.load(io.BytesIO(body), allow_pickle=False))
+        n = len(load_npy(io.BytesIO(body)))
         type(self).seen.append((self.headers.get("Authorization"), self.headers.get("Accept"), n))
         if type(self).valid and self.headers.get("Authorization") != f"Bearer {type(self).valid}":
             answer = (400, b'{"code": 400, "type": "InvalidKeyException", "message": "Token Authorization failed."}')
@@ -141,6 +141,28 @@ def test_retries_what_is_safe_and_nothing_else(scripted, tmp_path):
     assert len(Scripted.seen) == 1
 
 
+def test_every_npy_the_client_reads_is_parsed_under_one_lock(scripted, tmp_path, monkeypatch):
+    """numpy parses .npy headers with ast, which CPython 3.11 can't do from two threads at once
+    (python/cpython#106905): the client's input files and answers both go through its lock."""
+    import image_embedder_client.client as client_module
+
+    class Recording:
+        entered: list = []
+
+        def __enter__(self):
+            self.entered.append(threading.current_thread().name)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(client_module, "_NPY_HEADER_LOCK", Recording())
+    np.save(tmp_path / "x.npy", np.zeros((2, 3, 4, 4), np.uint8))
+    got = EmbeddingClient(scripted, "m").embed([str(tmp_path / "x.npy")])
+    np.testing.assert_array_equal(got, np.full((2, 2), 7, np.float32))
+    here = threading.current_thread().name
+    assert Recording.entered.count(here) == 2, Recording.entered  # the input file, then the answer
+
+
 class LateAnswer(BaseHTTPRequestHandler):
     """TorchServe 0.12 scaling a worker down mid-batch: `WorkerThread.shutdown` puts the batch back in the
     queue for another worker while the stopped worker's thread fails the same jobs with 500 "Worker
@@ -159,7 +181,7 @@ class LateAnswer(BaseHTTPRequestHandler):
         self.owed: Optional[bytes] = None  # this connection's late answer, when it has one
 
     def do_POST(self):  # noqa: N802
-        images = np.load(io.BytesIO(self.rfile.read(int(self.headers["Content-Length"]))), allow_pickle=False)
+        images = load_npy(io.BytesIO(self.rfile.read(int(self.headers["Content-Length"]))))
         answer = npy_bytes(np.repeat(images.reshape(len(images), -1).mean(1, keepdims=True), 2, 1).astype(np.float32))
         if type(self).first:
             type(self).first, self.owed = False, answer

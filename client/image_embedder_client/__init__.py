@@ -9,6 +9,7 @@ It runs where the requests come from and needs numpy and requests only (`pip ins
 the manual is client.py's docstring and docs/client.md.
 """
 from image_embedder_client.client import (ClientOptions, EmbeddingClient, EmbeddingError, TokenError, encode_batch,
-                                          flatten_images)
+                                          flatten_images, load_npy)
 
-__all__ = ["ClientOptions", "EmbeddingClient", "EmbeddingError", "TokenError", "encode_batch", "flatten_images"]
+__all__ = ["ClientOptions", "EmbeddingClient", "EmbeddingError", "TokenError", "encode_batch", "flatten_images",
+           "load_npy"]

@@ -56,6 +56,10 @@ LOST_WORKER_MESSAGES = ("Worker died", "Worker scaled down")
 AUTH_MARKERS = ("InvalidKeyException", "Token Authorization failed", "Token Authentication failed")
 NPY = "application/x-npy"
 Verify = Union[bool, str]
+# numpy parses a .npy header with ast.literal_eval, and building an AST is not thread-safe on CPython
+# 3.11 (one shared recursion counter: a rare "SystemError: AST constructor recursion depth mismatch",
+# python/cpython#106905). Every .npy read here (answers, input files) goes through this lock.
+_NPY_HEADER_LOCK = threading.Lock()
 
 
 class EmbeddingError(RuntimeError):
@@ -145,6 +149,14 @@ def _as_arrays(array: np.ndarray, where: str) -> list[np.ndarray]:
     raise ValueError(f"{where} has shape {array.shape}; expected one image (C,H,W) or a batch (N,C,H,W)")
 
 
+
+def load_npy(source: Union[str, os.PathLike, io.BytesIO], mmap_mode: Optional[str] = None) -> np.ndarray:
+    """numpy's load without pickles, safe from any number of threads (see _NPY_HEADER_LOCK); with
+    `mmap_mode`, only the header is read under the lock."""
+    with _NPY_HEADER_LOCK:
+        return np.load(source, mmap_mode=mmap_mode, allow_pickle=False)
+
+
 def flatten_images(images: Any) -> list[Union[np.ndarray, bytes]]:
     """One entry per image, in order: (C,H,W) arrays and encoded image bytes."""
     if isinstance(images, np.ndarray):
@@ -161,7 +173,7 @@ def flatten_images(images: Any) -> list[Union[np.ndarray, bytes]]:
         elif isinstance(item, (str, os.PathLike)):
             path = os.fspath(item)
             if path.lower().endswith(".npy"):
-                items.extend(_as_arrays(np.load(path, allow_pickle=False), f"{where} ({path})"))
+                items.extend(_as_arrays(load_npy(path), f"{where} ({path})"))
             else:
                 with open(path, "rb") as f:
                     items.append(f.read())
@@ -369,7 +381,7 @@ class EmbeddingClient:
         request["headers"]["Accept"] = NPY
         response = self._send("POST", **request)
         if response.headers.get("Content-Type", "").startswith(NPY):
-            out = np.load(io.BytesIO(response.content), allow_pickle=False)
+            out = load_npy(io.BytesIO(response.content))
         else:
             out = np.asarray(response.json()["embeddings"], dtype=np.float32)
         if out.ndim != 2 or len(out) != len(batch):

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from image_embedder_client import ClientOptions, EmbeddingClient, EmbeddingError, TokenError
+from image_embedder_client import ClientOptions, EmbeddingClient, EmbeddingError, TokenError, load_npy
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CHECKPOINT = "checkpoint"
@@ -77,12 +77,12 @@ class Item:
         if self.path.lower().endswith(IMAGE_SUFFIXES):
             with open(self.path, "rb") as f:
                 return f.read()
-        array = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        array = load_npy(self.path, mmap_mode="r")
         return np.asarray(array[self.row] if self.row is not None else array)
 
 
 def _npy_items(path: str, name: str) -> list[Item]:
-    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    array = load_npy(path, mmap_mode="r")
     if array.ndim == 3:
         return [Item(name, path)]
     if array.ndim == 4:
@@ -184,7 +184,7 @@ class Checkpoint:
         os.replace(tmp, self.path(index))
 
     def load(self, index: int) -> np.ndarray:
-        return np.load(self.path(index), allow_pickle=False)
+        return load_npy(self.path(index))
 
 
 def batches(items: Sequence[Item], size: int) -> list[list[Item]]:
