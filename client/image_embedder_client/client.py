@@ -149,7 +149,6 @@ def _as_arrays(array: np.ndarray, where: str) -> list[np.ndarray]:
     raise ValueError(f"{where} has shape {array.shape}; expected one image (C,H,W) or a batch (N,C,H,W)")
 
 
-
 def load_npy(source: Union[str, os.PathLike, io.BytesIO], mmap_mode: Optional[str] = None) -> np.ndarray:
     """numpy's load without pickles, safe from any number of threads (see _NPY_HEADER_LOCK); with
     `mmap_mode`, only the header is read under the lock."""
