@@ -8,12 +8,15 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from image_embedder_testkit.checkout import EXAMPLE_DIR
+from image_embedder_testkit.example_server import private_example_server
 from image_embedder_testkit.feature_server import start_feature_server
-from image_embedder_testkit.reference import load_reference_model
+from image_embedder_testkit.key_stream import KeyStream
+from image_embedder_testkit.reference import load_reference_model, reference_embeddings
 from image_embedder_testkit.ts_inprocess import InProcessModel
 from image_embedder_testkit.ts_server import TorchServe, java_available
 from image_embedder_tools.build import ArchiveSpec, build_archive
@@ -69,3 +72,32 @@ def feature_torchserve(example_files, tmp_path_factory):
     server = start_feature_server(example_files, str(tmp_path_factory.mktemp("feature_store")))
     yield server
     server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def short_expiry_server(example_archive, tmp_path_factory):
+    """The shipped config with token_expiration_min=1 (tests/test_tokens.py)."""
+    server = private_example_server(example_archive, str(tmp_path_factory.mktemp("token_store")),
+                                    {"token_expiration_min": 1}, timeout=50)  # within the keys' first minute
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def key_stream(short_expiry_server, example_model):
+    """A documented client streaming across two key expiries (135 s), with the images and the reference
+    embeddings it is checked against; started first when its test is selected (start_background_proofs)."""
+    images = np.random.default_rng(70).normal(size=(4, 3, 224, 224)).astype(np.float32)
+    stream = KeyStream(short_expiry_server, images)
+    stream.expected = reference_embeddings(example_model, "conv1", images)
+    yield stream
+    stream.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def start_background_proofs(request):
+    """Start the slow proofs that mostly wait before the first test, so that their waiting overlaps the
+    suite's work instead of adding to it; their tests join them and assert (only when selected)."""
+    for name in ("key_stream",):
+        if any(name in item.fixturenames for item in request.session.items):
+            request.getfixturevalue(name)

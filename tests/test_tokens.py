@@ -9,9 +9,7 @@ follows docs/client.md (key_file + management_url) keeps working whatever the ex
 """
 from __future__ import annotations
 
-import json
 import os
-import threading
 import time
 from datetime import datetime
 
@@ -22,17 +20,12 @@ import requests
 from image_embedder_client import EmbeddingClient
 from image_embedder_testkit.bodies import npy_bytes
 from image_embedder_testkit.checkout import SHIPPED_CONFIG
-from image_embedder_testkit.example_server import private_example_server
+from image_embedder_testkit.key_stream import key_file_data
 from image_embedder_testkit.reference import reference_embeddings
 from test_shipped_config import read_properties
 
 YEAR_S = 365 * 24 * 3600
 AUTH_REFUSED = "InvalidKeyException"
-
-
-def key_file_data(server) -> dict:
-    with open(os.path.join(server.workdir, "key_file.json")) as f:
-        return json.load(f)
 
 
 def expires(entry: dict) -> float:
@@ -50,15 +43,6 @@ def test_shipped_config_keys_outlive_a_year(torchserve):
         assert expires(data[kind]) > time.time() + YEAR_S, data[kind]
 
 
-@pytest.fixture(scope="module")
-def short_expiry_server(example_archive, tmp_path_factory):
-    """The shipped config with token_expiration_min=1."""
-    server = private_example_server(example_archive, str(tmp_path_factory.mktemp("token_store")),
-                                    {"token_expiration_min": 1}, timeout=50)  # within the keys' first minute
-    yield server
-    server.cleanup()
-
-
 def post(server, token: str, image: np.ndarray) -> requests.Response:
     return requests.post(f"{server.inference_url}/predictions/encoder", data=npy_bytes(image), timeout=60,
                          headers={"Authorization": f"Bearer {token}", "Content-Type": "application/x-npy"})
@@ -66,43 +50,22 @@ def post(server, token: str, image: np.ndarray) -> requests.Response:
 
 @pytest.mark.slow
 @pytest.mark.server
-def test_a_client_following_the_docs_outlives_one_minute_keys(short_expiry_server, example_model):
+def test_a_client_following_the_docs_outlives_one_minute_keys(key_stream):
     """135 s, across two expiries at least: the keys handed out at start stop working, TorchServe renews
-    nothing by itself, and the documented client (key_file + management_url) never misses an answer."""
-    server = short_expiry_server
-    first = key_file_data(server)
-    rng = np.random.default_rng(70)
-    images = rng.normal(size=(4, 3, 224, 224)).astype(np.float32)
-    expected = reference_embeddings(example_model, "conv1", images)
-    client = EmbeddingClient(server.inference_url, "encoder", key_file=os.path.join(server.workdir, "key_file.json"),
-                             management_url=server.management_url, retries=0)
-    start = time.monotonic()
-    answers, failures = [], []
+    nothing by itself, and the documented client (key_file + management_url) never misses an answer.
 
-    def stream(offset: int) -> None:  # three threads share the client, as embed.py's do
-        n = offset
-        while time.monotonic() - start < 135:
-            i = n % len(images)
-            try:
-                answers.append((i, client.embed(images[i]), time.monotonic() - start))
-            except Exception as exc:  # recorded, asserted below
-                failures.append(repr(exc))
-            n += 1
-            time.sleep(1.0)  # pacing: one request a second per thread, not a wait for a state
-
-    threads = [threading.Thread(target=stream, args=(k,)) for k in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
-    assert not failures, failures
-    minutes = {int(at // 60) for *_, at in answers}
+    The stream (image_embedder_testkit.key_stream) starts before the suite's first test and runs beside
+    it; this joins it."""
+    key_stream.join()
+    server, first, images, expected = key_stream.server, key_stream.first_keys, key_stream.images, key_stream.expected
+    assert not key_stream.failures, key_stream.failures
+    minutes = {int(at // 60) for *_, at in key_stream.answers}
     assert {0, 1, 2} <= minutes, sorted(minutes)  # answered in every minute, and past the second expiry
-    for i, got, _ in answers:
+    for i, got, _ in key_stream.answers:
         np.testing.assert_allclose(got, expected[i: i + 1], atol=1e-5)
     # One renewal per expiry, not one per thread: the start keys expire within the first 60 s (made
-    # before the test), each renewed key 60 s after its renewal: two expiries by ~122 s, three at most.
-    assert 2 <= client.renewed <= 3
+    # before the stream), each renewed key 60 s after its renewal: two expiries by ~122 s, three at most.
+    assert 2 <= key_stream.client.renewed <= 3
     # what expired: both keys made at start; TorchServe refuses them and rewrote nothing by itself
     assert time.time() > expires(first["inference"]) and time.time() > expires(first["management"])
     stale = post(server, first["inference"]["key"], images[0])
@@ -120,8 +83,10 @@ def test_a_client_following_the_docs_outlives_one_minute_keys(short_expiry_serve
 
 
 @pytest.mark.server
-def test_renewal_replaces_the_key_at_once_and_clients_follow(short_expiry_server, example_model):
-    """The token API invalidates the old key immediately; a key_file client picks up the new one."""
+def test_renewal_replaces_the_key_at_once_and_clients_follow(short_expiry_server, key_stream, example_model):
+    """The token API invalidates the old key immediately; a key_file client picks up the new one.
+    After the key stream has ended: a renewal here would count as one of its client's."""
+    key_stream.join()
     server = short_expiry_server
     image = np.random.default_rng(71).normal(size=(3, 224, 224)).astype(np.float32)
     path = os.path.join(server.workdir, "key_file.json")

@@ -183,7 +183,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         server.wait_for_workers("example", 1, timeout=300)
         results["per request"] = breakdown(server, "example", body, args.requests)
         workdir = server.workdir
-        server.stop()  # flushes the logs
+        server.stop(graceful=True)  # flushes the logs
         results["per request"].update(log_metrics(workdir, "example", 3))
         shutil.rmtree(workdir, ignore_errors=True)
         server = None

@@ -15,7 +15,7 @@ import time
 
 import requests
 
-from image_embedder_testkit.ts_server import _torchserve, free_ports, log_tail
+from image_embedder_testkit.ts_server import _torchserve, free_ports, log_tail, refuse_in_quick_tier
 
 
 class KServeLayoutServer:
@@ -50,6 +50,7 @@ class KServeLayoutServer:
         return env
 
     def start(self, model: str = "encoder", timeout: float = 240.0) -> "KServeLayoutServer":
+        refuse_in_quick_tier()
         cmd = [_torchserve(), "--start", f"--model-store={self.layout}/model-store", f"--ts-config={self.config_path}"]
         with open(self.log_path, "wb") as out:
             # The launcher starts Java in the background and returns (KServe's entrypoint then runs its wrapper).

@@ -67,6 +67,16 @@ def java_available() -> bool:
     return 'version "17' in out.stderr or 'version "17' in out.stdout
 
 
+QUICK_TIER = "IMAGE_EMBEDDER_QUICK_TIER"  # set by `scripts/test.sh --quick`: no TorchServe may start
+
+
+def refuse_in_quick_tier() -> None:
+    """A test without the `server` mark must not start TorchServe: the quick tier would stop being quick."""
+    if os.environ.get(QUICK_TIER):
+        raise RuntimeError(f"{QUICK_TIER} is set (scripts/test.sh --quick), yet a test starts TorchServe: "
+                           "mark it @pytest.mark.server")
+
+
 def _torchserve() -> str:
     local = os.path.join(os.path.dirname(sys.executable), "torchserve")
     return local if os.path.exists(local) else (shutil.which("torchserve") or "torchserve")
@@ -128,6 +138,7 @@ class TorchServe:
     def start(self, timeout: float = 120.0, healthy: bool = True) -> "TorchServe":
         """Start and wait until /ping says Healthy; `healthy=False`: until it answers at all (a model whose
         workers can never start keeps it 500 Unhealthy while the other models serve)."""
+        refuse_in_quick_tier()
         cmd = [_torchserve(), "--start", "--ncs", "--foreground", "--model-store", self.model_store,
                "--ts-config", self.config_path]
         if self.models:
@@ -187,17 +198,20 @@ class TorchServe:
     def log_tail(self, lines: int = 60) -> str:
         return log_tail(self.workdir, self.log_path, lines)
 
-    def stop(self) -> None:
-        """`torchserve --stop` with our TMPDIR, then make sure the process tree is gone."""
+    def stop(self, graceful: bool = False) -> None:
+        """Stop the frontend and every worker: SIGKILL to the server's process group (its own session).
+        `graceful`: `torchserve --stop` with our TMPDIR first, which flushes the logs but costs ~2.5 s
+        (Netty's quiet period), which no test needs."""
         proc = getattr(self, "process", None)
         if proc is None:
             return
-        subprocess.run([_torchserve(), "--stop"], cwd=self.workdir, env=self.env,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
+        if graceful:
+            subprocess.run([_torchserve(), "--stop"], cwd=self.workdir, env=self.env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):

@@ -1,0 +1,68 @@
+"""A documented client streaming across key expiries, run in the background of the whole suite.
+
+The one-minute-keys proof needs 135 s of wall time in which almost nothing happens (three requests a
+second). Started before the first test (tests/conftest.py), its waiting overlaps the rest of the
+suite; its test joins it and asserts on what it recorded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import numpy as np
+
+from image_embedder_client import EmbeddingClient
+from image_embedder_testkit.ts_server import TorchServe
+
+STREAM_S = 135.0  # two key expiries at least: keys made at start expire within 60 s, renewed ones 60 s later
+THREADS = 3  # sharing one client, as embed.py's threads do
+
+
+def key_file_data(server: TorchServe) -> dict:
+    with open(os.path.join(server.workdir, "key_file.json")) as f:
+        return json.load(f)
+
+
+class KeyStream:
+    """`THREADS` threads share one key_file client, one request a second each, for `seconds`; every answer
+    (image index, embedding, seconds since start) and every failure is recorded for the test to assert."""
+
+    def __init__(self, server: TorchServe, images: np.ndarray, seconds: float = STREAM_S):
+        self.server, self.images, self.seconds = server, images, seconds
+        self.first_keys = key_file_data(server)
+        self.client = EmbeddingClient(server.inference_url, "encoder",
+                                      key_file=os.path.join(server.workdir, "key_file.json"),
+                                      management_url=server.management_url, retries=0)
+        self.answers: list[tuple[int, np.ndarray, float]] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._stream, args=(k,), daemon=True) for k in range(THREADS)]
+        self.start = time.monotonic()
+        for thread in self._threads:
+            thread.start()
+
+    def _stream(self, offset: int) -> None:
+        n = offset
+        while time.monotonic() - self.start < self.seconds and not self._stop.is_set():
+            i = n % len(self.images)
+            try:
+                self.answers.append((i, self.client.embed(self.images[i]), time.monotonic() - self.start))
+            except Exception as exc:  # recorded, asserted by the test
+                self.failures.append(repr(exc))
+            n += 1
+            self._stop.wait(1.0)  # pacing: one request a second per thread, not a wait for a state
+
+    def join(self) -> None:
+        """Block until the stream has run its full time (at once if it already has)."""
+        for thread in self._threads:
+            thread.join(timeout=self.seconds + 300)
+        if any(thread.is_alive() for thread in self._threads):
+            raise TimeoutError(f"the key stream did not end within {self.seconds + 300} s")
+
+    def stop(self) -> None:
+        """End the stream early (the session is over before its test ran)."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=120)
