@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from image_embedder_testkit.background import JOBS, Lane
 from image_embedder_testkit.checkout import EXAMPLE_DIR
 from image_embedder_testkit.example_server import private_example_server
 from image_embedder_testkit.feature_server import start_feature_server
@@ -95,9 +96,17 @@ def key_stream(short_expiry_server, example_model):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def start_background_proofs(request):
-    """Start the slow proofs that mostly wait before the first test, so that their waiting overlaps the
-    suite's work instead of adding to it; their tests join them and assert (only when selected)."""
-    for name in ("key_stream",):
-        if any(name in item.fixturenames for item in request.session.items):
-            request.getfixturevalue(name)
+def start_background_proofs(request, tmp_path_factory):
+    """Start the slow proofs that mostly wait or run alone, before the first test, so that their time
+    overlaps the suite's instead of adding to it; their tests join them and assert (only when selected).
+    - the one-minute keys' stream (its own threads, three requests a second for 135 s);
+    - the jobs of tests marked @pytest.mark.background(name), one at a time in a lane of their own
+      (image_embedder_testkit.background)."""
+    items = request.session.items
+    if any("key_stream" in item.fixturenames for item in items):
+        request.getfixturevalue("key_stream")
+    lane = Lane()
+    for name in dict.fromkeys(m.args[0] for item in items for m in item.iter_markers("background")):
+        JOBS[name].start(lane, str(tmp_path_factory.mktemp(name.replace(" ", "_"))))
+    yield
+    lane.close()

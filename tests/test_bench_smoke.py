@@ -10,24 +10,44 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
+from pathlib import Path
+from typing import Callable
 
 import pytest
 
+from image_embedder_testkit import background
+from image_embedder_testkit.background import Completed, Lane
 from image_embedder_testkit.checkout import REPO
 from image_embedder_testkit.ts_server import java_available
 
 pytestmark = pytest.mark.server
 
 
-def test_bench_quick_runs_and_reports_ratios(tmp_path):
+def in_lane(*args: str) -> Callable[[Lane, str], tuple[Completed, Path]]:
+    """A job: `python ARGS...` with its TMPDIR in the job's folder, where `{out}` in an argument points;
+    returns what it did and the folder."""
+    def work(lane: Lane, folder: str) -> tuple[Completed, Path]:
+        cmd = [sys.executable, *(a.format(out=folder) for a in args)]
+        return lane.run(cmd, cwd=REPO, env=dict(os.environ, TMPDIR=folder), timeout=420), Path(folder)
+    return work
+
+
+BENCH_QUICK = background.job("bench quick", in_lane(os.path.join(REPO, "scripts", "bench.py"), "--quick", "--json",
+                                                    "{out}/bench.json"))
+LAYOUTS_QUICK = background.job("layouts quick", in_lane("-m", "image_embedder_bench.layouts", "--quick", "--json",
+                                                        "{out}/layouts.json", "--plot", "{out}/layouts.png"))
+SOAK = background.job("soak", in_lane("-m", "image_embedder_bench.soak", "--minutes", "0.25", "--warmup-min", "0",
+                                      "--sample-s", "2", "--clients", "3", "--csv", "{out}/soak.csv", "--plot",
+                                      "{out}/soak.png", "--json", "{out}/soak.json"))
+
+
+@pytest.mark.background(BENCH_QUICK.name)
+def test_bench_quick_runs_and_reports_ratios():
     if not java_available():
         pytest.fail("the benchmark needs Java 17 for TorchServe")
+    proc, tmp_path = BENCH_QUICK.result()
     out_json = tmp_path / "bench.json"
-    env = dict(os.environ, TMPDIR=str(tmp_path))
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench.py"), "--quick", "--json", str(out_json)],
-                          capture_output=True, text=True, timeout=420, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     # every served row carries a ratio to its limit row (and the .npy ones to a raw row) of the same run
@@ -54,15 +74,14 @@ def test_bench_quick_runs_and_reports_ratios(tmp_path):
     assert not [d for d in os.listdir(tmp_path) if d.startswith(("bench-", "ts-test-"))]
 
 
-def test_layouts_quick_runs_every_layout_against_both_limits(tmp_path):
+@pytest.mark.background(LAYOUTS_QUICK.name)
+def test_layouts_quick_runs_every_layout_against_both_limits():
     """`image-embedder bench-layouts --quick`: every case on every layout, divided by its limit, the
     answers checked against the engine in process, worker memory per archive, a load verdict and a chart."""
     if not java_available():
         pytest.fail("the benchmark needs Java 17 for TorchServe")
+    proc, tmp_path = LAYOUTS_QUICK.result()
     out_json, chart = tmp_path / "layouts.json", tmp_path / "layouts.png"
-    env = dict(os.environ, TMPDIR=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-m", "image_embedder_bench.layouts", "--quick", "--json", str(out_json),
-                           "--plot", str(chart)], capture_output=True, text=True, timeout=420, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out_json.read_text())
     assert not results["errors"], results["errors"]
@@ -80,15 +99,13 @@ def test_layouts_quick_runs_every_layout_against_both_limits(tmp_path):
     assert not [d for d in os.listdir(tmp_path) if d.startswith(("bench-layouts-", "ts-test-"))]
 
 
-def test_soak_samples_every_worker_and_checks_every_answer(tmp_path):
+@pytest.mark.background(SOAK.name)
+def test_soak_samples_every_worker_and_checks_every_answer():
     """`image-embedder soak` for a few seconds: each worker's RSS in the CSV, no wrong answer, a chart."""
     if not java_available():
         pytest.fail("the soak needs Java 17 for TorchServe")
+    proc, tmp_path = SOAK.result()
     csv_path, chart, summary = tmp_path / "soak.csv", tmp_path / "soak.png", tmp_path / "soak.json"
-    env = dict(os.environ, TMPDIR=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-m", "image_embedder_bench.soak", "--minutes", "0.25", "--warmup-min", "0",
-                           "--sample-s", "2", "--clients", "3", "--csv", str(csv_path), "--plot", str(chart),
-                           "--json", str(summary)], capture_output=True, text=True, timeout=420, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(summary.read_text())
     assert result["wrong"] == 0 and result["answered"] > 0

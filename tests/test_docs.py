@@ -27,8 +27,12 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import pytest
+
+from image_embedder_testkit import background
+from image_embedder_testkit.background import Lane
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNABLE = ("bash", "python")
@@ -295,30 +299,59 @@ def failure_report(blocks: list[Block], output: str, why: str, scratch: str) -> 
     return (f"{block.where()} {why}\n--- the block\n{block.text}--- its output\n{tail[-6000:]}{log}")
 
 
-def run_session(blocks: list[Block], tmp_path, ports: list[str], scratch: str, timeout: float = RUN_TIMEOUT) -> str:
-    """Run the blocks in one bash session in `scratch`; returns the output; fails naming the block."""
-    tmp, script_dir = tmp_path / "tmp", tmp_path / "blocks"
-    for folder in (tmp, script_dir):
-        folder.mkdir()
-    script = session_script(blocks, str(script_dir), ports)
-    env = dict(os.environ, TMPDIR=str(tmp), TEMP=str(tmp), PYTHONDONTWRITEBYTECODE="1")
-    log_path = tmp_path / "session.out"
+def run_blocks(blocks: list[Block], folder: str, ports: list[str], scratch: str, timeout: float = RUN_TIMEOUT,
+               lane: Optional[Lane] = None) -> tuple[str, Optional[str]]:
+    """Run the blocks in one bash session in `scratch` (its TMPDIR and scripts under `folder`); returns the
+    output and, if a block failed, the report naming it. `lane`: the background lane, which kills the
+    session if the test session ends first."""
+    tmp, script_dir = os.path.join(folder, "tmp"), os.path.join(folder, "blocks")
+    for path in (tmp, script_dir):
+        os.mkdir(path)
+    script = session_script(blocks, script_dir, ports)
+    env = dict(os.environ, TMPDIR=tmp, TEMP=tmp, PYTHONDONTWRITEBYTECODE="1")
+    log_path = os.path.join(folder, "session.out")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(["bash", "-c", script], cwd=scratch, env=env, stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        if lane:
+            lane.track(proc)
         try:
             rc, why = proc.wait(timeout=timeout), None
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             rc, why = proc.wait(), f"did not finish within the whole run's {timeout} s"
         finally:
+            if lane:
+                lane.untrack(proc)
             stop_servers(scratch, env)
-    output = log_path.read_text(errors="replace")
+    with open(log_path, errors="replace") as f:
+        output = f.read()
     if why is None and (rc != 0 or not output.rstrip().endswith("@@@ end")):
         why = f"failed with exit status {rc}"
-    if why is not None:
-        pytest.fail(failure_report(blocks, output, why, scratch), pytrace=False)
+    return output, None if why is None else failure_report(blocks, output, why, scratch)
+
+
+def run_session(blocks: list[Block], tmp_path, ports: list[str], scratch: str, timeout: float = RUN_TIMEOUT) -> str:
+    """run_blocks, failing the test with the report naming the block that failed."""
+    output, failure = run_blocks(blocks, str(tmp_path), ports, scratch, timeout)
+    if failure is not None:
+        pytest.fail(failure, pytrace=False)
     return output
+
+
+def run_every_block(lane: Lane, folder: str) -> tuple[str, Optional[str], int, float]:
+    """The docs run in a scratch copy of the tree: (output, failure report or None, blocks, seconds)."""
+    blocks = [b for b in all_blocks() if b.runnable]
+    scratch = os.path.join(folder, "repo")
+    os.mkdir(scratch)
+    ports = free_ports(5)
+    scratch_copy(scratch, ports)
+    started = time.time()
+    output, failure = run_blocks(blocks, folder, ports, scratch, lane=lane)
+    return output, failure, len(blocks), time.time() - started
+
+
+DOCS_RUN = background.job("docs run", run_every_block)
 
 
 def test_a_failing_block_is_reported_with_its_file_number_text_and_output(tmp_path):
@@ -334,13 +367,11 @@ def test_a_failing_block_is_reported_with_its_file_number_text_and_output(tmp_pa
 
 
 @pytest.mark.server
-def test_every_runnable_block_runs_in_order(tmp_path):
-    blocks = [b for b in all_blocks() if b.runnable]
-    scratch = tmp_path / "repo"
-    scratch.mkdir()
-    ports = free_ports(5)
-    scratch_copy(str(scratch), ports)
-    started = time.time()
-    output = run_session(blocks, tmp_path, ports, str(scratch))
+@pytest.mark.background(DOCS_RUN.name)
+def test_every_runnable_block_runs_in_order():
+    """The whole docs run (started beside the suite, image_embedder_testkit.background): every block passes."""
+    output, failure, count, seconds = DOCS_RUN.result()
     print(output)  # shown with -s: what every block printed
-    print(f"{len(blocks)} blocks ran in {time.time() - started:.0f} s")
+    if failure is not None:
+        pytest.fail(failure, pytrace=False)
+    print(f"{count} blocks ran in {seconds:.0f} s")

@@ -11,9 +11,13 @@ import os
 import threading
 import time
 
+from typing import Optional
+
 import numpy as np
+import requests
 
 from image_embedder_client import EmbeddingClient
+from image_embedder_testkit.bodies import npy_bytes
 from image_embedder_testkit.ts_server import TorchServe
 
 STREAM_S = 135.0  # two key expiries at least: keys made at start expire within 60 s, renewed ones 60 s later
@@ -27,7 +31,8 @@ def key_file_data(server: TorchServe) -> dict:
 
 class KeyStream:
     """`THREADS` threads share one key_file client, one request a second each, for `seconds`; every answer
-    (image index, embedding, seconds since start) and every failure is recorded for the test to assert."""
+    (image index, embedding, seconds since start) and every failure is recorded for the test to assert,
+    then key_file.json and the answer to a plain request with its inference key (`final_keys`, `fresh`)."""
 
     def __init__(self, server: TorchServe, images: np.ndarray, seconds: float = STREAM_S):
         self.server, self.images, self.seconds = server, images, seconds
@@ -37,11 +42,29 @@ class KeyStream:
                                       management_url=server.management_url, retries=0)
         self.answers: list[tuple[int, np.ndarray, float]] = []
         self.failures: list[str] = []
+        self.final_keys: dict = {}
+        self.fresh: Optional[requests.Response] = None
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._stream, args=(k,), daemon=True) for k in range(THREADS)]
         self.start = time.monotonic()
-        for thread in self._threads:
+        self._runner = threading.Thread(target=self._run, daemon=True)
+        self._runner.start()
+
+    def _run(self) -> None:
+        threads = [threading.Thread(target=self._stream, args=(k,), daemon=True) for k in range(THREADS)]
+        for thread in threads:
             thread.start()
+        for thread in threads:
+            thread.join()
+        # At once, while the key the client renewed last is still live (the test may run minutes later):
+        # key_file.json as it is now, and a plain request with its inference key.
+        try:
+            self.final_keys = key_file_data(self.server)
+            headers = {"Authorization": f"Bearer {self.final_keys['inference']['key']}",
+                       "Content-Type": "application/x-npy"}
+            self.fresh = requests.post(f"{self.server.inference_url}/predictions/encoder",
+                                       data=npy_bytes(self.images[1]), headers=headers, timeout=60)
+        except Exception as exc:  # recorded, asserted by the test
+            self.failures.append(f"the final snapshot: {exc!r}")
 
     def _stream(self, offset: int) -> None:
         n = offset
@@ -55,14 +78,12 @@ class KeyStream:
             self._stop.wait(1.0)  # pacing: one request a second per thread, not a wait for a state
 
     def join(self) -> None:
-        """Block until the stream has run its full time (at once if it already has)."""
-        for thread in self._threads:
-            thread.join(timeout=self.seconds + 300)
-        if any(thread.is_alive() for thread in self._threads):
+        """Block until the stream has run its full time and taken its final snapshot (at once if it has)."""
+        self._runner.join(timeout=self.seconds + 300)
+        if self._runner.is_alive():
             raise TimeoutError(f"the key stream did not end within {self.seconds + 300} s")
 
     def stop(self) -> None:
         """End the stream early (the session is over before its test ran)."""
         self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=120)
+        self._runner.join(timeout=120)
