@@ -95,6 +95,16 @@ def key_stream(short_expiry_server, example_model):
     stream.stop()
 
 
+def joins_a_background_proof(item: pytest.Item) -> bool:
+    return item.get_closest_marker("background") is not None or "key_stream" in item.fixturenames
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The tests that join a background proof run last, in their order: by then their proof has had the
+    rest of the suite's time to run."""
+    items[:] = [i for i in items if not joins_a_background_proof(i)] + [i for i in items if joins_a_background_proof(i)]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def start_background_proofs(request, tmp_path_factory):
     """Start the slow proofs that mostly wait or run alone, before the first test, so that their time
