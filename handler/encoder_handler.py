@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import time
 from http import HTTPStatus
 from typing import Any, Optional, Union
@@ -38,6 +39,18 @@ logger = logging.getLogger(__name__)
 
 
 Result = Union[np.ndarray, RequestError, Describe]
+
+
+REQUEST_ID = re.compile(r"[\w.:-]{1,128}")  # what the client sends: uuid hex; anything else is not echoed
+
+
+def _request_id(headers: dict[str, Any]) -> Optional[str]:
+    """The request's `Client-Request-Id`, to echo on its answer: a client that reads another request's answer
+    on a keep-alive connection (TorchServe can answer a job twice after a scale-down) can tell."""
+    value = headers.get("client-request-id")
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("latin-1")
+    return value if isinstance(value, str) and REQUEST_ID.fullmatch(value) else None
 
 
 def _request_headers(context: Any, idx: int) -> dict[str, Any]:
@@ -129,8 +142,9 @@ class EmbeddingHandler(BaseHandler):
             else:
                 answer = encode_response(result, request, self.model_name)
             self.context.set_response_content_type(idx, answer.content_type)
-            for name, value in answer.headers.items():  # TorchServe passes these through to the client
-                self.context.set_response_header(idx, name, value)
+            request_id = _request_id(_request_headers(self.context, idx))
+            for name, value in {**answer.headers, **({"Client-Request-Id": request_id} if request_id else {})}.items():
+                self.context.set_response_header(idx, name, value)  # TorchServe passes these through to the client
             out.append(answer.body)
         return out
 

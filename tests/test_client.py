@@ -210,6 +210,58 @@ def test_a_late_answer_after_a_lost_worker_is_never_read_as_the_next_requests():
         server.server_close()
 
 
+class TwiceAnswered(BaseHTTPRequestHandler):
+    """TorchServe 0.12 scaling a worker down mid-batch can also answer a job twice with 200: the stopped
+    worker's answer, then the re-queued job's, on the same keep-alive connection. Here the first
+    connection answers its first request at once and again when its second request comes, before that
+    one's own answer; each answer echoes the Client-Request-Id it was for. An image's embedding is its mean."""
+
+    protocol_version = "HTTP/1.1"
+    connections = 0
+
+    def setup(self):
+        super().setup()
+        type(self).connections += 1
+        self.number, self.previous = type(self).connections, None
+
+    def do_POST(self):  # noqa: N802
+        images = load_npy(io.BytesIO(self.rfile.read(int(self.headers["Content-Length"]))))
+        answer = (npy_bytes(np.repeat(images.reshape(len(images), -1).mean(1, keepdims=True), 2, 1).astype(np.float32)),
+                  self.headers["Client-Request-Id"])
+        if self.number == 1 and self.previous is not None:  # the first answer again, then this request's own
+            for body, request_id in (self.previous, answer):
+                self.send_response(200)
+                for name, value in (("Content-Type", "application/x-npy"), ("Content-Length", str(len(body))), ("Client-Request-Id", request_id)):
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+            self.previous = None
+            return
+        self.previous = answer
+        self.send_response(200)
+        for name, value in (("Content-Type", "application/x-npy"), ("Content-Length", str(len(answer[0]))), ("Client-Request-Id", answer[1])):
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(answer[0])
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_answer_to_another_request_is_never_taken_for_this_ones():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), TwiceAnswered)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = EmbeddingClient(f"http://127.0.0.1:{server.server_port}", "m", retries=3, backoff=0.01)
+        for value in (10, 20, 30):  # on the first connection, 20 would get 10's answer (a 200, 10's id)
+            got = client.embed(np.full((2, 3, 4, 4), value, np.uint8))
+            np.testing.assert_array_equal(got, np.full((2, 2), value, np.float32))
+        assert client.retried == 1 and TwiceAnswered.connections == 2  # 20 sent again, on a new connection
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_refused_key_is_read_again_from_the_key_file(scripted, tmp_path):
     path = str(tmp_path / "key_file.json")
     write_keys(path, "k1", time.time() + 3600)
@@ -301,10 +353,11 @@ def test_stream_through_a_killed_worker_and_a_scale_down(client_server, example_
     inputs = [[rng.normal(size=(2, 3, 224, 224)).astype(np.float32) for _ in range(distinct)]
               for _ in range(threads)]
     expected = [[reference_embeddings(example_model, "conv1", batch) for batch in row] for row in inputs]
-    # a timeout well above any answer here: a request TorchServe leaves unanswered while stopping a worker
-    # (tests/test_load_and_faults.py) is sent again instead of hanging
+    # a timeout well above any answer here (a batch of 2 takes tens of ms): a request TorchServe leaves
+    # unanswered while stopping a worker (tests/test_load_and_faults.py) is sent again instead of hanging.
+    # One that merely ran slow is sent again too (retries=8), so a short timeout costs no correctness.
     client = EmbeddingClient(client_server.inference_url, "encoder", key_file=key_file(client_server),
-                             timeout=30, retries=8, backoff=0.2)
+                             timeout=10, retries=8, backoff=0.2)
     answers: list = []  # (thread, input index, embeddings, monotonic time answered)
     errors: list = []
     done = threading.Semaphore(0)

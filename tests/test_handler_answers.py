@@ -215,3 +215,17 @@ def test_fuzz_binary_bodies_through_the_worker(plain, example_model, cut, flip, 
     want = expected(example_model, x)
     for resp in (first, last):
         np.testing.assert_allclose(np.asarray(resp.json()["embeddings"], np.float32), want, atol=1e-5)
+
+
+def test_each_answer_echoes_its_own_request_id_and_nothing_else(example_service, example_model):
+    """Client-Request-Id comes back on every answer, good or refused, each its own request's; a value that is
+    no plain id (a newline could split headers, 200 characters) is not echoed."""
+    image = images(10, (3, 224, 224))
+    sent = [("a1", npy_bytes(image)), ("b2", b"not an array"), (None, npy_bytes(image)), ("x\r\nSet-Cookie: y", npy_bytes(image)),
+            ("z" * 200, npy_bytes(image)), ("c3", npy_bytes(image))]
+    responses = example_service.predict([Request(body, "application/x-npy", {"Client-Request-Id": rid} if rid else {})
+                                         for rid, body in sent])
+    assert [r.status for r in responses] == [200, 400, 200, 200, 200, 200]
+    assert [r.headers.get("Client-Request-Id") for r in responses] == ["a1", "b2", None, None, None, "c3"]
+    np.testing.assert_allclose(responses[5].json()["embeddings"], reference_embeddings(example_model, "conv1", image),
+                               atol=1e-5)

@@ -124,7 +124,11 @@ def test_load_scaling_and_a_killed_worker(fault_server, example_model):
       most batchSize jobs), so failed + unanswered <= 2 * BATCH_SIZE, all sent before it ended;
     - the kill: only requests in flight between the SIGKILL and the frontend's notice of it (the first
       "Worker died." answer), so at most one per client (CLIENTS);
-    - nothing fails outside those two events, and scaling up loses nothing.
+    - nothing fails outside those two events, and scaling up loses nothing;
+    - a job a scale-down re-queued can be answered twice (200 both times) on its connection: the
+      client's next request there reads an answer echoing another Client-Request-Id, which it never takes
+      (out_of_step). Only after the scale-down began, at most one per job of the stopped workers'
+      batches (2 * BATCH_SIZE).
     The scenario waits on state between phases (every client answered again), so the phases'
     failures can't mix, whatever the machine's speed.
     """
@@ -140,6 +144,8 @@ def test_load_scaling_and_a_killed_worker(fault_server, example_model):
     # every client got answers, all its own: never a wrong or crossed embedding, never a refused connection
     assert {r.client for r in records if r.outcome == "ok"} == set(range(CLIENTS)), summary
     assert not [r for r in records if r.outcome in ("wrong", "crossed", "connection_error")], summary
+    out_of_step = [r for r in records if r.outcome == "out_of_step"]
+    assert all(r.sent >= at["scale_down"] for r in out_of_step) and len(out_of_step) <= 2 * BATCH_SIZE, summary
     failed = [r for r in records if r.outcome in ("http_error", "timeout")]
     answered_failures = [r for r in failed if r.outcome == "http_error"]
     assert all(r.status >= 500 and any(m in r.detail for m in LOST_WITH_WORKER) for r in answered_failures), summary

@@ -8,6 +8,7 @@ activations to 8 mantissa bits, so it gets a relative 5e-2 and a cosine >= 0.999
 from __future__ import annotations
 
 import os
+import sys
 import textwrap
 
 import numpy as np
@@ -17,6 +18,8 @@ import torch
 from image_embedder.encoder import ImageEncoder
 from image_embedder.layer_tap import LayerTap
 from image_embedder.settings import EncoderSettings
+from image_embedder_testkit import background
+from image_embedder_testkit.background import Completed, Lane
 from image_embedder_testkit.bodies import npy_bytes
 from image_embedder_testkit.compare import cosine_min
 from image_embedder_testkit.imagenet import IMAGENET
@@ -43,18 +46,28 @@ SMALL_MODEL = textwrap.dedent('''
 IMAGES = np.random.default_rng(3).random((4, 3, 32, 32), dtype=np.float32)
 
 
-@pytest.fixture(scope="module")
-def small_files(tmp_path_factory) -> dict:
-    folder = tmp_path_factory.mktemp("small_model")
-    (folder / "small.py").write_text(SMALL_MODEL)
-    model = load_reference_model(str(folder / "small.py"), "Small")
+def write_small_files(folder: str) -> dict:
+    """small.py and a state_dict (BatchNorm statistics that are not the identity) in `folder`; the
+    reference model loaded from them."""
+    with open(os.path.join(folder, "small.py"), "w") as f:
+        f.write(SMALL_MODEL)
+    model = load_reference_model(os.path.join(folder, "small.py"), "Small")
     torch.manual_seed(0)
     with torch.no_grad():
         bn = model.block[3]
         bn.running_mean.uniform_(-0.2, 0.2)
         bn.running_var.uniform_(0.5, 1.5)
-    torch.save(model.state_dict(), folder / "small.pth")
-    return {"dir": str(folder), "model": load_reference_model(str(folder / "small.py"), "Small", str(folder / "small.pth"))}
+    torch.save(model.state_dict(), os.path.join(folder, "small.pth"))
+    return {"dir": folder, "model": small_reference(folder)}
+
+
+def small_reference(folder: str) -> torch.nn.Module:
+    return load_reference_model(os.path.join(folder, "small.py"), "Small", os.path.join(folder, "small.pth"))
+
+
+@pytest.fixture(scope="module")
+def small_files(tmp_path_factory) -> dict:
+    return write_small_files(str(tmp_path_factory.mktemp("small_model")))
 
 
 def encoder(small_files: dict, layer: str = "block.2", **extra: object) -> ImageEncoder:
@@ -145,13 +158,38 @@ def test_layer_tap_accepts_a_compiled_forward(small_files):
         tap.remove()
 
 
+# In a process of its own (compiling takes 10-20 s of one core): the small files, the encoder with
+# compile=True, its answers, written to the job's folder for the test to check.
+COMPILED = r"""
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from test_perf_options import IMAGES, encoder, write_small_files
+files = write_small_files(sys.argv[2])
+enc = encoder(files, "block.2", compile=True)
+runs = [enc.embed(IMAGES) for _ in range(2)]  # the first call compiles, the second runs the compiled graph
+other = enc.embed(IMAGES[::-1].copy())  # a different input: the capture is not a stale tensor from tracing
+np.savez(sys.argv[2] + "/compiled.npz", early_exit=enc.tap.early_exit, first=runs[0], second=runs[1], other=other)
+"""
+
+
+def run_compiled(lane: Lane, folder: str) -> tuple[Completed, str]:
+    return lane.run([sys.executable, "-c", COMPILED, os.path.dirname(os.path.abspath(__file__)), folder], cwd=folder,
+                    env=dict(os.environ), timeout=300), folder
+
+
+COMPILED_RUN = background.job("torch.compile", run_compiled)
+
+
 @pytest.mark.slow
+@pytest.mark.background(COMPILED_RUN.name)
 @pytest.mark.skipif(os.environ.get("SKIP_COMPILE_TESTS") == "1", reason="SKIP_COMPILE_TESTS=1")
-def test_torch_compile_keeps_the_hook_and_the_embedding(small_files):
-    enc = encoder(small_files, "block.2", compile=True)
-    assert not enc.tap.early_exit  # early exit is off under compile: the hook must still capture
-    for _ in range(2):  # the first call compiles, the second runs the compiled graph
-        got = enc.embed(IMAGES)
-        np.testing.assert_allclose(got, reference_embeddings(small_files["model"], "block.2", IMAGES), atol=1e-5)
-    other = IMAGES[::-1].copy()  # a different input: the capture is not a stale tensor from tracing
-    np.testing.assert_allclose(enc.embed(other), reference_embeddings(small_files["model"], "block.2", other), atol=1e-5)
+def test_torch_compile_keeps_the_hook_and_the_embedding():
+    proc, folder = COMPILED_RUN.result()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out, model = np.load(os.path.join(folder, "compiled.npz")), small_reference(folder)
+    assert not out["early_exit"]  # early exit is off under compile: the hook must still capture
+    for got in (out["first"], out["second"]):
+        np.testing.assert_allclose(got, reference_embeddings(model, "block.2", IMAGES), atol=1e-5)
+    other = IMAGES[::-1].copy()
+    np.testing.assert_allclose(out["other"], reference_embeddings(model, "block.2", other), atol=1e-5)

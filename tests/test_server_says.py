@@ -51,3 +51,12 @@ def test_form_urlencoded_bodies(torchserve):
 def test_hwc_array_gets_the_hint(torchserve):
     r = post(torchserve, data=npy_bytes(np.zeros((224, 224, 3), np.float32)), headers={"Content-Type": "application/x-npy"})
     assert r.status_code == 422 and "send (C,H,W)" in r.json()["message"], r.text[:300]
+
+
+def test_answers_echo_the_request_id_through_torchserve(torchserve):
+    """TorchServe hands the handler's Client-Request-Id back to the client: what EmbeddingClient checks."""
+    body = npy_bytes(np.zeros((3, 224, 224), np.float32))
+    r = post(torchserve, data=body, headers={"Content-Type": "application/x-npy", "Client-Request-Id": "3f2a9c"})
+    assert r.status_code == 200 and r.headers.get("Client-Request-Id") == "3f2a9c", (r.status_code, dict(r.headers))
+    refused = post(torchserve, data=b"garbage", headers={"Content-Type": "application/x-npy", "Client-Request-Id": "e41b"})
+    assert refused.status_code == 400 and refused.headers.get("Client-Request-Id") == "e41b"

@@ -2,17 +2,27 @@
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 
+from image_embedder_testkit import background
+from image_embedder_testkit.background import Completed, Lane
 from image_embedder_testkit.checkout import REPO
 from image_embedder_testkit.ts_server import QUICK_TIER, TorchServe
 
 
+def collect_quick_tier(lane: Lane, folder: str) -> Completed:
+    """`scripts/test.sh --quick --collect-only`: what the quick tier would run."""
+    return lane.run(["bash", "scripts/test.sh", "--quick", "--collect-only", "-q", "-p", "no:cacheprovider"],
+                    cwd=REPO, env=dict(os.environ, TMPDIR=folder), timeout=300)
+
+
+QUICK_COLLECTION = background.job("quick tier collection", collect_quick_tier)
+
+
+@pytest.mark.background(QUICK_COLLECTION.name)
 def test_quick_tier_selects_every_test_without_the_server_mark_and_no_other(request):
-    proc = subprocess.run(["bash", "scripts/test.sh", "--quick", "--collect-only", "-q", "-p", "no:cacheprovider"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = QUICK_COLLECTION.result()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     quick = {line.strip() for line in proc.stdout.splitlines() if "::" in line}
     assert quick, proc.stdout[-3000:]

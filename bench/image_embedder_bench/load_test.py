@@ -47,7 +47,7 @@ class Record:
     sent: float
     done: float
     status: Optional[int]  # None: no HTTP answer (timeout or connection error)
-    outcome: str  # ok | wrong | crossed | http_error | timeout | connection_error
+    outcome: str  # ok | wrong | crossed | out_of_step | http_error | timeout | connection_error
     detail: str = ""
 
 
@@ -129,10 +129,17 @@ class LoadRun:
             body = self.inputs[client].bodies[seq % len(self.inputs[client].bodies)]
             sent = time.monotonic()
             status, outcome, detail = None, "ok", ""
+            request_id = f"{client}-{seq}"
             try:
-                r = session.post(self.url, data=body, headers=headers, timeout=self.timeout)
+                r = session.post(self.url, data=body, headers={**headers, "Client-Request-Id": request_id},
+                                 timeout=self.timeout)
                 status = r.status_code
-                if status == 200:
+                if r.headers.get("Client-Request-Id", request_id) != request_id:
+                    # the late answer to an earlier request (TorchServe answered a job twice): as the client
+                    # does, never taken for this one; the connection is out of step, so it is closed
+                    outcome, detail = "out_of_step", f"answer for request {r.headers['Client-Request-Id']}"
+                    session.close()
+                elif status == 200:
                     got = np.asarray(r.json()["embeddings"], np.float32)
                     outcome, detail = self._classify(client, seq, got)
                 else:

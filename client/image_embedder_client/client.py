@@ -16,7 +16,9 @@ Retried, because embedding is idempotent: dropped or reset connections and timeo
 `Retry`), and 503 (busy), 507 (out of memory) and TorchServe 0.12's 500 "Worker died." (a batch lost
 with a worker that was killed or scaled down, pytorch/serve#1101), with exponential backoff, each on a
 new connection: TorchServe can still write a lost batch's late answer on the old one, where the
-next request would read it as its own.
+next request would read it as its own. It can even answer such a job twice with 200, so every request
+carries a fresh `Client-Request-Id`, which the server echoes: an answer that echoes another id is that
+late answer, so the connection is closed and the request sent again on a new one.
 
 Tokens (TorchServe's token authorization, docs/auth.md): `token=` is sent as it is; `key_file=`
 is read for the inference key and read again whenever the server refuses it (a restarted server or a
@@ -40,6 +42,7 @@ import os
 import random
 import threading
 import time
+import uuid
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from typing import Any, Optional, Sequence, Union
@@ -55,6 +58,8 @@ LOST_WORKER_MESSAGES = ("Worker died", "Worker scaled down")
 # TorchServe 0.12 answers a missing, wrong or expired key with 400 InvalidKeyException.
 AUTH_MARKERS = ("InvalidKeyException", "Token Authorization failed", "Token Authentication failed")
 NPY = "application/x-npy"
+# Sent with a fresh value on every request and echoed by the server on its answer.
+REQUEST_ID = "Client-Request-Id"
 Verify = Union[bool, str]
 # numpy parses a .npy header with ast.literal_eval, and building an AST is not thread-safe on CPython
 # 3.11 (one shared recursion counter: a rare "SystemError: AST constructor recursion depth mismatch",
@@ -272,6 +277,7 @@ class EmbeddingClient:
             token = self._current_token()
             if token:
                 headers["Authorization"] = f"Bearer {token}"
+            headers[REQUEST_ID] = uuid.uuid4().hex
             try:
                 response = self._session().request(method, self.endpoint, headers=headers, timeout=self.timeout,
                                                    verify=self.verify, **kwargs)
@@ -282,6 +288,17 @@ class EmbeddingClient:
             except requests.RequestException as exc:
                 raise EmbeddingError(f"{self.endpoint} unreachable after {self.retries} retries: {exc}") from exc
             self._count_retries(len(getattr(getattr(response.raw, "retries", None), "history", ()) or ()))
+            echoed = response.headers.get(REQUEST_ID)
+            if echoed is not None and echoed != headers[REQUEST_ID]:
+                # A late answer to an earlier request on this connection (a job TorchServe answered twice):
+                # ours may follow it, but the connection can't be trusted; close it and send again.
+                self._session().close()
+                if attempt >= self.retries:
+                    raise EmbeddingError(f"{self.endpoint}: the answer was for request {echoed}, not "
+                                         f"{headers[REQUEST_ID]}, {attempt + 1} times: the connection stays out of step")
+                attempt += 1
+                self._count_retries(1)
+                continue
             if response.status_code == 200:
                 return response
             if self._is_auth_refusal(response) and refreshed < 2 and self._refresh(token):
