@@ -189,7 +189,10 @@ def test_one_bad_request_among_good_ones(batching_server):
 
 
 LOST_WITH_WORKER = ("Worker died", "Worker scaled down")
-CLIENT_TIMEOUT_S = 45  # answered requests here take well under a second; bounds a lost one
+# Answered requests here take well under a second (at most ~5 s seen with 16 clients and the suite's
+# background lane beside them, tests/test_load_and_faults.py); a lost one is only seen by this timeout,
+# so it bounds what the race costs the suite.
+CLIENT_TIMEOUT_S = 15
 
 
 def test_scaling_workers_while_requests_run(batching_server):
@@ -197,7 +200,8 @@ def test_scaling_workers_while_requests_run(batching_server):
     check every answer). Scaling up and steady serving lose nothing. Scaling down: TorchServe 0.12
     stops a worker at once and fails the batch it holds (pytorch/serve#1101, open), so the only
     failures allowed are that batch's 500 "Worker died" (or, by a rarer race in the same shutdown, one
-    request left unanswered until the client's timeout), ended once the scale-down began, at most one
+    request left unanswered until the client's timeout, or answered twice so that the client's next
+    request reads the first answer's echo: out_of_step), ended once the scale-down began, at most one
     batch (8), and each succeeds when sent again (embedding is idempotent: the client retries it).
     Never a wrong answer or another status."""
     server, reference = batching_server
@@ -216,7 +220,7 @@ def test_scaling_workers_while_requests_run(batching_server):
         run.wait_for("answers after the scale-down", run.every_client(time.monotonic()), phase)
     finally:
         records = run.stop()
-    lost = [r for r in records if r.outcome == "timeout" or (
+    lost = [r for r in records if r.outcome in ("timeout", "out_of_step") or (  # out_of_step: a job answered twice
             r.outcome == "http_error" and r.status == 500 and any(m in r.detail for m in LOST_WITH_WORKER))]
     failures = [r for r in records if r.outcome != "ok" and r not in lost]
     assert not failures, failures[:10]
