@@ -163,6 +163,12 @@ def test_every_npy_the_client_reads_is_parsed_under_one_lock(scripted, tmp_path,
     assert Recording.entered.count(here) == 2, Recording.entered  # the input file, then the answer
 
 
+def mean_twice(handler: BaseHTTPRequestHandler) -> bytes:
+    """A stand-in server's embedding of each image in the request: its mean, twice (.npy)."""
+    images = load_npy(io.BytesIO(handler.rfile.read(int(handler.headers["Content-Length"]))))
+    return npy_bytes(np.repeat(images.reshape(len(images), -1).mean(1, keepdims=True), 2, 1).astype(np.float32))
+
+
 class LateAnswer(BaseHTTPRequestHandler):
     """TorchServe 0.12 scaling a worker down mid-batch: `WorkerThread.shutdown` puts the batch back in the
     queue for another worker while the stopped worker's thread fails the same jobs with 500 "Worker
@@ -181,8 +187,7 @@ class LateAnswer(BaseHTTPRequestHandler):
         self.owed: Optional[bytes] = None  # this connection's late answer, when it has one
 
     def do_POST(self):  # noqa: N802
-        images = load_npy(io.BytesIO(self.rfile.read(int(self.headers["Content-Length"]))))
-        answer = npy_bytes(np.repeat(images.reshape(len(images), -1).mean(1, keepdims=True), 2, 1).astype(np.float32))
+        answer = mean_twice(self)
         if type(self).first:
             type(self).first, self.owed = False, answer
             scripted_reply(self, 500, WORKER_DIED, "application/json")
@@ -194,20 +199,6 @@ class LateAnswer(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
-
-
-def test_a_late_answer_after_a_lost_worker_is_never_read_as_the_next_requests():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), LateAnswer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        client = EmbeddingClient(f"http://127.0.0.1:{server.server_port}", "m", retries=3, backoff=0.01)
-        for value in (10, 20, 30):  # reusing the first connection, 20 would get 10's answer
-            got = client.embed(np.full((2, 3, 4, 4), value, np.uint8))
-            np.testing.assert_array_equal(got, np.full((2, 2), value, np.float32))
-        assert client.retried == 1 and LateAnswer.connections == 2  # the retry and what follows on a new one
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 class TwiceAnswered(BaseHTTPRequestHandler):
@@ -225,9 +216,7 @@ class TwiceAnswered(BaseHTTPRequestHandler):
         self.number, self.previous = type(self).connections, None
 
     def do_POST(self):  # noqa: N802
-        images = load_npy(io.BytesIO(self.rfile.read(int(self.headers["Content-Length"]))))
-        answer = (npy_bytes(np.repeat(images.reshape(len(images), -1).mean(1, keepdims=True), 2, 1).astype(np.float32)),
-                  self.headers["Client-Request-Id"])
+        answer = (mean_twice(self), self.headers["Client-Request-Id"])
         owed, self.previous = ([self.previous] if self.number == 1 and self.previous else []), answer
         for body, request_id in owed + [answer]:  # on the first connection's second request: the first's again
             scripted_reply(self, 200, body, "application/x-npy", {"Client-Request-Id": request_id})
@@ -236,15 +225,18 @@ class TwiceAnswered(BaseHTTPRequestHandler):
         pass
 
 
-def test_an_answer_to_another_request_is_never_taken_for_this_ones():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), TwiceAnswered)
+@pytest.mark.parametrize("server_class", [LateAnswer, TwiceAnswered])
+def test_an_answer_owed_to_an_earlier_request_is_never_read_as_the_next_ones(server_class):
+    """LateAnswer: a 500, then the late answer on that connection; TwiceAnswered: a 200 answered again,
+    echoing the earlier request's id. On the first connection, 20 would get 10's answer."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), server_class)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         client = EmbeddingClient(f"http://127.0.0.1:{server.server_port}", "m", retries=3, backoff=0.01)
-        for value in (10, 20, 30):  # on the first connection, 20 would get 10's answer (a 200, 10's id)
+        for value in (10, 20, 30):
             got = client.embed(np.full((2, 3, 4, 4), value, np.uint8))
             np.testing.assert_array_equal(got, np.full((2, 2), value, np.float32))
-        assert client.retried == 1 and TwiceAnswered.connections == 2  # 20 sent again, on a new connection
+        assert client.retried == 1 and server_class.connections == 2  # sent again once, on a new connection
     finally:
         server.shutdown()
         server.server_close()

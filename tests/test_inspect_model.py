@@ -2,13 +2,14 @@
 also for a model torch.fx cannot trace (data-dependent control flow)."""
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
 
+from image_embedder_testkit import background
+from image_embedder_testkit.background import Completed, Lane
 from image_embedder_testkit.checkout import REPO
 
 SCRIPT = os.path.join(REPO, "scripts", "inspect_model.py")
@@ -39,26 +40,55 @@ BRANCHY = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture(scope="module")
-def branchy_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("inspect") / "branchy.py"
-    path.write_text(BRANCHY)
-    return str(path)
+EXAMPLE = os.path.join(REPO, "examples", "custom_model", "model.py")
+# Every command line the tests below read, by name; {branchy} and {ddp} are the job's files.
+RUNS = {
+    "untraceable": ("--model-file", "{branchy}", "--model-class", "Branchy", "--model-kwargs", '{{"width": 4}}',
+                    "--input-shape", "3,16,12", "--json"),
+    "example": ("--model-file", EXAMPLE, "--model-class", "CustomModel", "--input-shape", "3,224,224"),
+    "bad shape": ("--model-file", EXAMPLE, "--model-class", "CustomModel", "--input-shape", "3,x,224"),
+    "rejected shape": ("--model-file", EXAMPLE, "--model-class", "CustomModel", "--input-shape", "3,64,64"),
+    "bad kwargs": ("--model-file", EXAMPLE, "--model-class", "CustomModel", "--input-shape", "3,8,8",
+                   "--model-kwargs", "[1]"),
+    "kernel larger than input": ("--model-file", "{branchy}", "--model-class", "Branchy", "--input-shape", "3,2,2"),
+    "wrong channels": ("--model-file", "{branchy}", "--model-class", "Branchy", "--input-shape", "4,8,8"),
+    "wrapped checkpoint": ("--model-file", "{branchy}", "--model-class", "Branchy", "--input-shape", "3,8,8",
+                           "--state-dict", "{ddp}", "--json"),
+    "wrapped, no detection": ("--model-file", "{branchy}", "--model-class", "Branchy", "--input-shape", "3,8,8",
+                              "--state-dict", "{ddp}", "--no-detect"),
+}
 
 
-def run_inspect(*args):
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=300)
-
-
-def test_untraceable_model_table_matches_real_forward(branchy_file):
-    namespace = {}
+def branchy() -> torch.nn.Module:
+    namespace: dict = {}
     exec(BRANCHY, namespace)
-    model = namespace["Branchy"](width=4)
-    with pytest.raises(Exception):  # the premise: torch.fx cannot trace it
-        torch.fx.symbolic_trace(model)
+    return namespace["Branchy"]()
 
-    out = run_inspect("--model-file", branchy_file, "--model-class", "Branchy", "--model-kwargs", '{"width": 4}',
-                      "--input-shape", "3,16,12", "--json")
+
+def run_every_command(lane: Lane, folder: str) -> dict[str, Completed]:
+    """The script on each of RUNS (a process each: the script's own start, exit status and output), with
+    branchy.py and a DDP-wrapped checkpoint of it (ddp.pth) in `folder`."""
+    files = {"branchy": os.path.join(folder, "branchy.py"), "ddp": os.path.join(folder, "ddp.pth")}
+    with open(files["branchy"], "w") as f:
+        f.write(BRANCHY)
+    torch.save({"state_dict": {"module." + k: v for k, v in branchy().state_dict().items()}, "epoch": 1}, files["ddp"])
+    return {name: lane.run([sys.executable, SCRIPT, *(a.format(**files) for a in args)], cwd=folder,
+                           env=dict(os.environ), timeout=300) for name, args in RUNS.items()}
+
+
+INSPECT = background.job("inspect_model.py runs", run_every_command)
+
+
+def run_inspect(name: str) -> Completed:
+    return INSPECT.result()[name]
+
+
+@pytest.mark.background(INSPECT.name)
+def test_untraceable_model_table_matches_real_forward():
+    with pytest.raises(Exception):  # the premise: torch.fx cannot trace it
+        torch.fx.symbolic_trace(branchy())
+
+    out = run_inspect("untraceable")
     assert out.returncode == 0, out.stderr
     rows = {r["name"]: r for r in json.loads(out.stdout)}
     assert list(rows) == ["stem", "pos", "pos.0", "pos.1", "neg", "tokens"]
@@ -73,9 +103,9 @@ def test_untraceable_model_table_matches_real_forward(branchy_file):
     assert rows["tokens"]["sizes"] == {"avg": 6, "max": 6, "gem": 6, "cls": 6, "none": 35 * 6}
 
 
+@pytest.mark.background(INSPECT.name)
 def test_table_text_for_the_example():
-    out = run_inspect("--model-file", os.path.join(REPO, "examples", "custom_model", "model.py"),
-                      "--model-class", "CustomModel", "--input-shape", "3,224,224")
+    out = run_inspect("example")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].split()[:8] == ["layer", "type", "output", "shape", "avg", "max", "gem", "cls"]
@@ -85,21 +115,20 @@ def test_table_text_for_the_example():
     assert fc1[:4] == ["fc1", "Linear", "1x120", "120"]
 
 
+@pytest.mark.background(INSPECT.name)
 def test_bad_shape_and_kwargs_are_clear_errors():
-    model = os.path.join(REPO, "examples", "custom_model", "model.py")
-    out = run_inspect("--model-file", model, "--model-class", "CustomModel", "--input-shape", "3,x,224")
+    out = run_inspect("bad shape")
     assert out.returncode == 2 and "--input-shape '3,x,224'" in out.stderr
-    out = run_inspect("--model-file", model, "--model-class", "CustomModel", "--input-shape", "3,64,64")
+    out = run_inspect("rejected shape")
     assert out.returncode == 1 and "forward pass on shape 3,64,64 failed" in out.stderr
-    out = run_inspect("--model-file", model, "--model-class", "CustomModel", "--input-shape", "3,8,8",
-                      "--model-kwargs", "[1]")
+    out = run_inspect("bad kwargs")
     assert out.returncode == 2 and "JSON object" in out.stderr
 
 
+@pytest.mark.background(INSPECT.name)
 def test_a_rejected_shape_lists_the_layers_that_ran_before_it():
     """CustomModel's `x.view(-1, 16*53*53)` needs 224x224: at 64x64 conv1, pool, conv2 ran, then its own forward failed."""
-    model = os.path.join(REPO, "examples", "custom_model", "model.py")
-    out = run_inspect("--model-file", model, "--model-class", "CustomModel", "--input-shape", "3,64,64")
+    out = run_inspect("rejected shape")
     assert out.returncode == 1 and out.stdout == ""
     lines = out.stderr.splitlines()
     assert lines[0].startswith("error: the forward pass on shape 3,64,64 failed in CustomModel.forward itself, "
@@ -112,26 +141,22 @@ def test_a_rejected_shape_lists_the_layers_that_ran_before_it():
                                              ["conv2", "Conv2d", "1x16x26x26"]]
 
 
-def test_a_failure_inside_a_nested_layer_names_it(branchy_file):
+@pytest.mark.background(INSPECT.name)
+def test_a_failure_inside_a_nested_layer_names_it():
     # 3x2x2: stem keeps 2x2, then pos.0's 3x3 kernel is larger than its input
-    out = run_inspect("--model-file", branchy_file, "--model-class", "Branchy", "--input-shape", "3,2,2")
+    out = run_inspect("kernel larger than input")
     assert out.returncode == 1
     assert "failed inside `pos.0`: RuntimeError" in out.stderr
     ran = [line.split()[0] for line in out.stderr.splitlines()[3:]]  # after the error, the count, the header
     assert ran == ["stem"]
-    out = run_inspect("--model-file", branchy_file, "--model-class", "Branchy", "--input-shape", "4,8,8")
+    out = run_inspect("wrong channels")
     assert "failed inside `stem`" in out.stderr and "no layer ran before it" in out.stderr
 
 
-def test_weights_of_a_wrapped_checkpoint(branchy_file, tmp_path):
-    namespace = {}
-    exec(BRANCHY, namespace)
-    model = namespace["Branchy"]()
-    path = tmp_path / "ddp.pth"
-    torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}, "epoch": 1}, path)
-    out = run_inspect("--model-file", branchy_file, "--model-class", "Branchy", "--input-shape", "3,8,8",
-                      "--state-dict", str(path), "--json")
+@pytest.mark.background(INSPECT.name)
+def test_weights_of_a_wrapped_checkpoint():
+    """A DDP checkpoint (`module.` keys under `state_dict`) is detected; with --no-detect, the fix is named."""
+    out = run_inspect("wrapped checkpoint")
     assert out.returncode == 0, out.stderr
-    out = run_inspect("--model-file", branchy_file, "--model-class", "Branchy", "--input-shape", "3,8,8",
-                      "--state-dict", str(path), "--no-detect")
+    out = run_inspect("wrapped, no detection")
     assert out.returncode == 2 and "add --checkpoint-key state_dict --strip-prefix module." in out.stderr
