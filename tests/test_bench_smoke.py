@@ -3,7 +3,8 @@
 A benchmark is not a timed test: this only proves the script still works against the real
 TorchServe (archives build, the no-op floor and our archives answer .npy and multipart JPEG from
 both client kinds, answers match in-process embeddings, limit/raw/decode rows and the report and
-its JSON are written) and that it cleans up after itself.
+its JSON are written) and that it cleans up after itself. Each run is a background job (it runs beside
+the rest of the suite, image_embedder_testkit.background), so its figures are not measurements.
 """
 from __future__ import annotations
 
