@@ -10,9 +10,12 @@ import subprocess
 import sys
 import sysconfig
 import zipfile
+from pathlib import Path
 
 import pytest
 
+from image_embedder_testkit import background
+from image_embedder_testkit.background import Completed, Lane
 from image_embedder_testkit.checkout import REPO
 
 # top-level module -> the file it must be imported from, relative to the checkout
@@ -59,17 +62,27 @@ def test_archive_holds_handler_folder_and_the_users_files_only(example_archive):
     assert not [n for n in names if "client" in n or "tools" in n or "bench" in n or "testkit" in n]
 
 
-def test_client_installs_alone_without_the_engine(tmp_path):
+def resolve_client_alone(lane: Lane, folder: str) -> tuple[Completed, str]:
+    """pip's install report for client/ by itself (a dry run into nothing): (what pip did, the report)."""
+    source = copy_source(Path(folder), "client")
+    report = os.path.join(folder, "report.json")
+    return lane.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-build-isolation",
+                     "--quiet", "--report", report, os.path.join(source, "client")], cwd=folder, env=dict(os.environ),
+                    timeout=300), report
+
+
+CLIENT_ALONE = background.job("pip resolves the client alone", resolve_client_alone)
+
+
+@pytest.mark.background(CLIENT_ALONE.name)
+def test_client_installs_alone_without_the_engine():
     """pip resolves client/ by itself: numpy, requests, urllib3 and theirs; nothing of the engine."""
-    source = copy_source(tmp_path, "client")
-    report = tmp_path / "report.json"
-    run = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed",
-                          "--no-build-isolation", "--quiet", "--report", str(report), os.path.join(source, "client")],
-                         capture_output=True, text=True, timeout=300)
+    run, report = CLIENT_ALONE.result()
     if run.returncode != 0:
         pytest.fail("pip could not resolve client/'s dependencies (it needs a package index, as any install "
                     f"does):\n{run.stderr[-3000:]}")
-    installs = {item["metadata"]["name"].lower(): item["metadata"] for item in json.loads(report.read_text())["install"]}
+    with open(report) as f:
+        installs = {item["metadata"]["name"].lower(): item["metadata"] for item in json.load(f)["install"]}
     assert {"image-embedder-client", "numpy", "requests", "urllib3"} <= set(installs), sorted(installs)
     assert not ENGINE_ONLY & set(installs), sorted(installs)
     assert sorted(installs["image-embedder-client"]["requires_dist"]) == ["numpy", "requests", "urllib3>=2"]
@@ -96,10 +109,19 @@ def test_client_imports_with_the_engine_blocked(tmp_path):
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
-def test_editable_install_gives_every_part_from_any_directory(tmp_path):
+def import_every_part(lane: Lane, folder: str) -> Completed:
+    """Each part imported by a fresh interpreter in an unrelated folder: the files they come from, as JSON."""
     code = ("import importlib, json\n"
             f"print(json.dumps({{m: importlib.import_module(m).__file__ for m in {list(PARTS)!r}}}))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    return lane.run([sys.executable, "-c", code], cwd=folder, env=dict(os.environ), timeout=120)
+
+
+EVERY_PART = background.job("import every part from elsewhere", import_every_part)
+
+
+@pytest.mark.background(EVERY_PART.name)
+def test_editable_install_gives_every_part_from_any_directory():
+    out = EVERY_PART.result()
     assert out.returncode == 0, out.stderr
     found = json.loads(out.stdout.strip().splitlines()[-1])
     assert {m: os.path.relpath(path, REPO) for m, path in found.items()} == PARTS
