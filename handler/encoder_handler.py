@@ -142,9 +142,11 @@ class EmbeddingHandler(BaseHandler):
             else:
                 answer = encode_response(result, request, self.model_name)
             self.context.set_response_content_type(idx, answer.content_type)
+            for name, value in answer.headers.items():  # TorchServe passes these through to the client
+                self.context.set_response_header(idx, name, value)
             request_id = _request_id(_request_headers(self.context, idx))
-            for name, value in {**answer.headers, **({"Client-Request-Id": request_id} if request_id else {})}.items():
-                self.context.set_response_header(idx, name, value)  # TorchServe passes these through to the client
+            if request_id:
+                self.context.set_response_header(idx, "Client-Request-Id", request_id)
             out.append(answer.body)
         return out
 

@@ -18,9 +18,8 @@ import pytest
 import requests
 
 from image_embedder_client import EmbeddingClient
-from image_embedder_testkit.bodies import npy_bytes
 from image_embedder_testkit.checkout import SHIPPED_CONFIG
-from image_embedder_testkit.key_stream import key_file_data
+from image_embedder_testkit.key_stream import key_file_data, post_with_key
 from image_embedder_testkit.reference import reference_embeddings
 from test_shipped_config import read_properties
 
@@ -43,21 +42,17 @@ def test_shipped_config_keys_outlive_a_year(torchserve):
         assert expires(data[kind]) > time.time() + YEAR_S, data[kind]
 
 
-def post(server, token: str, image: np.ndarray) -> requests.Response:
-    return requests.post(f"{server.inference_url}/predictions/encoder", data=npy_bytes(image), timeout=60,
-                         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/x-npy"})
-
-
 @pytest.mark.slow
 @pytest.mark.server
-def test_a_client_following_the_docs_outlives_one_minute_keys(key_stream):
+def test_a_client_following_the_docs_outlives_one_minute_keys(key_stream, example_model):
     """135 s, across two expiries at least: the keys handed out at start stop working, TorchServe renews
     nothing by itself, and the documented client (key_file + management_url) never misses an answer.
 
     The stream (image_embedder_testkit.key_stream) starts before the suite's first test and runs beside
     it; this joins it."""
     key_stream.join()
-    server, first, images, expected = key_stream.server, key_stream.first_keys, key_stream.images, key_stream.expected
+    server, first, images = key_stream.server, key_stream.first_keys, key_stream.images
+    expected = reference_embeddings(example_model, "conv1", images)
     assert not key_stream.failures, key_stream.failures
     minutes = {int(at // 60) for *_, at in key_stream.answers}
     assert {0, 1, 2} <= minutes, sorted(minutes)  # answered in every minute, and past the second expiry
@@ -68,7 +63,7 @@ def test_a_client_following_the_docs_outlives_one_minute_keys(key_stream):
     assert 2 <= key_stream.client.renewed <= 3
     # what expired: both keys made at start; TorchServe refuses them and rewrote nothing by itself
     assert time.time() > expires(first["inference"]) and time.time() > expires(first["management"])
-    stale = post(server, first["inference"]["key"], images[0])
+    stale = post_with_key(server, first["inference"]["key"], images[0])
     assert stale.status_code == 400 and AUTH_REFUSED in stale.text
     stale = requests.get(f"{server.management_url}/models", timeout=30,
                          headers={"Authorization": f"Bearer {first['management']['key']}"})
@@ -98,7 +93,7 @@ def test_renewal_replaces_the_key_at_once_and_clients_follow(short_expiry_server
     assert r.status_code == 200, r.text
     new = key_file_data(server)
     assert new["inference"]["key"] != old["inference"]["key"]
-    assert post(server, old["inference"]["key"], image).status_code == 400  # the old key: refused at once
+    assert post_with_key(server, old["inference"]["key"], image).status_code == 400  # the old key: refused at once
     renewed = client.renewed
     np.testing.assert_allclose(client.embed(image), reference_embeddings(example_model, "conv1", image), atol=1e-5)
     assert client.renewed == renewed  # it re-read key_file.json; no second renewal

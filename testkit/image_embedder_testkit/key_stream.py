@@ -10,7 +10,6 @@ import json
 import os
 import threading
 import time
-
 from typing import Optional
 
 import numpy as np
@@ -27,6 +26,12 @@ THREADS = 3  # sharing one client, as embed.py's threads do
 def key_file_data(server: TorchServe) -> dict:
     with open(os.path.join(server.workdir, "key_file.json")) as f:
         return json.load(f)
+
+
+def post_with_key(server: TorchServe, key: str, image: np.ndarray) -> requests.Response:
+    """A plain request (no client library) with this inference key."""
+    return requests.post(f"{server.inference_url}/predictions/encoder", data=npy_bytes(image), timeout=60,
+                         headers={"Authorization": f"Bearer {key}", "Content-Type": "application/x-npy"})
 
 
 class KeyStream:
@@ -59,10 +64,7 @@ class KeyStream:
         # key_file.json as it is now, and a plain request with its inference key.
         try:
             self.final_keys = key_file_data(self.server)
-            headers = {"Authorization": f"Bearer {self.final_keys['inference']['key']}",
-                       "Content-Type": "application/x-npy"}
-            self.fresh = requests.post(f"{self.server.inference_url}/predictions/encoder",
-                                       data=npy_bytes(self.images[1]), headers=headers, timeout=60)
+            self.fresh = post_with_key(self.server, self.final_keys["inference"]["key"], self.images[1])
         except Exception as exc:  # recorded, asserted by the test
             self.failures.append(f"the final snapshot: {exc!r}")
 
