@@ -26,14 +26,14 @@ import torch
 from ts.handler_utils.timer import timed
 from ts.torch_handler.base_handler import BaseHandler
 
-from image_embedder.allocator import limit_arenas
+from image_embedder.allocator import limit_arenas, reuse_freed_memory
 from image_embedder.encoder import ImageEncoder, resolve_device
 from image_embedder.errors import RequestError
 from image_embedder.image_decoding import ImageDecoder
 from image_embedder.request_decoding import Decoded, DecodedRequest, Describe, accepted_content_types, decode_batch
 from image_embedder.response_encoding import JSON_TYPE, BatchResults, EncodedResponse, encode_response
 from image_embedder.settings import EncoderSettings
-from image_embedder.worker_threads import CoreShare, available_cores
+from image_embedder.worker_threads import CoreShare, available_cores, spinning_threads_warning
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +71,10 @@ class EmbeddingHandler(BaseHandler):
         properties = context.system_properties
         model_config = getattr(context, "model_yaml_config", None) or {}
         settings = EncoderSettings.from_mapping(model_config.get("handler"))
-        arenas = limit_arenas(settings.malloc_arena_max)  # before the decode and torch threads allocate
-        if arenas:
-            logger.info(arenas)
+        # before the decode and torch threads allocate
+        for line in (limit_arenas(settings.malloc_arena_max), reuse_freed_memory(settings.reuse_freed_memory)):
+            if line:
+                logger.info(line)
         self.device = resolve_device(settings.device, properties.get("gpu_id"))
         model_dir = properties.get("model_dir") or "."
         self.cores: Optional[CoreShare] = None
@@ -83,6 +84,9 @@ class EmbeddingHandler(BaseHandler):
             try:
                 self.cores = CoreShare()
                 self.cores.refresh()
+                spinning = spinning_threads_warning(self.cores.live_workers())
+                if spinning:
+                    logger.warning(spinning)
             except OSError as exc:  # no writable temporary folder: a fixed share, from maxWorkers
                 workers = int(model_config.get("maxWorkers") or available_cores())
                 logger.warning("cannot share the cores (%s); torch threads fixed at cores // %d workers", exc, workers)

@@ -14,8 +14,11 @@ import re
 import psutil
 import pytest
 import requests
+import yaml
 
+from image_embedder.worker_threads import WAIT_POLICY
 from image_embedder_testkit.checkout import REPO, SHIPPED_CONFIG
+from image_embedder_testkit.management import workers
 
 LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 
@@ -72,6 +75,40 @@ def test_scripts_keep_the_safe_defaults():
         for line in text.splitlines():  # every TorchServe a script starts reads the shipped config
             if re.search(r"torchserve\s+--start", line) and not line.lstrip().startswith("#"):
                 assert "--ts-config config.properties" in line, f"{os.path.relpath(path, REPO)}: {line.strip()}"
+
+
+def container_envs(doc: dict) -> list[dict]:
+    """The environment of every container a Kubernetes object runs: a Deployment's, an InferenceService's model."""
+    if doc.get("kind") == "Deployment":
+        return [{e["name"]: e.get("value") for e in c.get("env", [])} for c in doc["spec"]["template"]["spec"]["containers"]]
+    if doc.get("kind") == "InferenceService":
+        return [{e["name"]: e.get("value") for e in doc["spec"]["predictor"]["model"].get("env", [])}]
+    return []
+
+
+def test_every_launcher_sets_the_wait_policy():
+    """TorchServe's workers inherit its environment, and libgomp reads the policy when torch loads: every
+    way this project starts TorchServe sets it (the test kit's is checked live, below)."""
+    name, value = WAIT_POLICY
+    with open(os.path.join(REPO, "scripts", "serve.sh")) as f:
+        serve = f.read()
+    export = serve.index(f"\nexport {name}={value}\n")
+    assert export < serve.index("torchserve --start")
+    for dockerfile in ("deploy/Dockerfile", "deploy/Dockerfile.cuda"):
+        with open(os.path.join(REPO, dockerfile)) as f:
+            env = re.findall(r"^ENV ((?:.*\\\n)*.*)$", f.read(), flags=re.M)
+        assert re.search(rf"\b{name}={value}\b", " ".join(env)), dockerfile
+    launchers = 0
+    for path in glob.glob(os.path.join(REPO, "deploy", "*", "*.yaml")):
+        with open(path) as f:
+            for doc in yaml.safe_load_all(f):
+                for env in container_envs(doc or {}):
+                    assert env.get(name) == value, f"{os.path.relpath(path, REPO)}: {name}={env.get(name)}"
+                    launchers += 1
+    assert launchers == 4  # two Deployments, two InferenceServices
+    shown = [line for page in [os.path.join(REPO, "README.md"), *glob.glob(os.path.join(REPO, "docs", "*.md"))]
+             for line in open(page) if re.match(r"\S*\.venv/bin/torchserve --start|\S+=\S+ \.venv/bin/torchserve --start", line)]
+    assert shown and all(line.startswith(f"{name}={value} ") for line in shown), shown
 
 
 # -- live, against the shipped configuration ---------------------------------------------------------
@@ -135,3 +172,11 @@ def test_nothing_listens_beyond_loopback(torchserve):
     assert set(torchserve.ports.values()) <= ports, (torchserve.ports, listeners)  # we did see its sockets
     for pid, ip, port in listeners:
         assert ipaddress.ip_address(ip).is_loopback or ip in LOOPBACK, f"pid {pid} listens on {ip}:{port}"
+
+
+@pytest.mark.server
+def test_workers_run_with_the_wait_policy(torchserve):
+    torchserve.wait_for_workers("encoder", 1)
+    name, value = WAIT_POLICY
+    pids = [int(w["pid"]) for w in workers(torchserve, "encoder") if w.get("pid")]
+    assert pids and all(psutil.Process(pid).environ().get(name) == value for pid in pids)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from image_embedder.worker_threads import CoreShare, share_of
+from image_embedder.worker_threads import WAIT_POLICY, CoreShare, share_of
 from image_embedder_testkit.bodies import npy_bytes
 from image_embedder_testkit.ts_inprocess import InProcessModel, Request
 from image_embedder_tools.build import ArchiveSpec, build_archive
@@ -164,6 +164,40 @@ def test_no_writable_temporary_folder_falls_back_to_max_workers(example_files, t
     assert model.handler.cores is None
     assert torch.get_num_threads() == 1  # 64 workers' share of any machine with fewer than 128 cores
     embed(model)
+
+
+@pytest.fixture(scope="module")
+def plain_archive(example_files, tmp_path_factory):
+    return archive(example_files, tmp_path_factory.mktemp("plain"), "threads_plain")
+
+
+@pytest.mark.parametrize("policy, others, warns", [
+    (None, 1, True),  # libgomp's default: spin a while after each parallel region
+    ("ACTIVE", 2, True),
+    ("PASSIVE", 1, False),
+    ("passive", 1, False),  # libgomp reads it case-insensitively
+    (None, 0, False),  # alone: nobody to slow down
+])
+def test_a_worker_beside_others_warns_when_threads_spin(plain_archive, tmp_path, restore_threads, stand_ins,
+                                                        monkeypatch, caplog, policy, others, warns):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    name = WAIT_POLICY[0]
+    if policy is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, policy)
+    for _ in range(others):  # workers already holding slots in this server's shared file
+        stand_ins(2, str(tmp_path / f"image-embedder-busy-workers-{os.getuid()}"))
+    with caplog.at_level("WARNING"):
+        model = InProcessModel(plain_archive, model_name="threads_plain")
+    assert model.handler.cores.live_workers() == others + 1
+    warnings = [r.getMessage() for r in caplog.records if name in r.getMessage()]
+    if warns:
+        assert len(warnings) == 1 and f"{others + 1} workers" in warnings[0]
+        assert f"{name}={WAIT_POLICY[1]}" in warnings[0] and (policy or "unset") in warnings[0]
+    else:
+        assert warnings == []
 
 
 @pytest.mark.parametrize("files, expected", [

@@ -1,12 +1,19 @@
-"""glibc malloc's arena limit for a worker process.
+"""glibc malloc settings for a worker process: freed request buffers stay for the next request.
 
-A worker allocates image-sized buffers (decoded pixels, batches, activations) from its decode
-threads and torch's threads. glibc gives each thread that contends for the heap an arena of its
-own, up to 8 per core, and memory freed in one arena is reused only within it, so the arenas a
-worker keeps grow with the node's cores. Capping them bounds that on many-core nodes; on 2 cores
-the soak measured no difference (docs/reliability.md#memory-over-hours, where the growth it was
-looking for turned out to be reference cycles). `MALLOC_ARENA_MAX` in the environment does the same
-from the process's start and wins over the setting.
+A request's buffers (the decoded batch, activations, the embeddings) are megabytes each. glibc
+serves a block above its mmap threshold with a fresh mmap and unmaps it when freed, and returns the
+top of its heap to the system once more than the trim threshold is free there; both thresholds start
+small and only grow as it sees such blocks freed. Either way the next request touches new pages:
+thousands of minor page faults per batch of 32 images, a third of the example model's time in
+process (docs/performance.md#the-fixed-cost-of-a-request). Pinning the mmap threshold at glibc's
+largest (32 MiB, half a heap) and the trim threshold at twice that (glibc's
+own ratio) keeps those pages, so memory stays at the peak a request reaches, as it would under load.
+
+The worker's arenas: glibc gives each thread that contends for the heap an arena of its own, up to
+8 per core, and memory freed in one arena is reused only within it; `malloc_arena_max` caps them.
+
+The environment wins: `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` / `MALLOC_ARENA_MAX` set
+by the operator are left as they are. Elsewhere than glibc (musl) nothing is done.
 """
 from __future__ import annotations
 
@@ -15,7 +22,29 @@ import ctypes.util
 import os
 from typing import Optional
 
-M_ARENA_MAX = -8  # from glibc's malloc.h
+# mallopt's parameters, from glibc's malloc.h
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
+MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: mallopt refuses more
+TRIM_THRESHOLD = 2 * MMAP_THRESHOLD
+THRESHOLD_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def reuse_freed_memory(enabled: bool = True) -> Optional[str]:
+    """Pin glibc's mmap and trim thresholds so that freed buffers of up to 32 MiB are reused; say what
+    holds, or None where there is nothing to do (disabled, or not glibc)."""
+    from_env = [f"{name}={os.environ[name]}" for name in THRESHOLD_VARIABLES if name in os.environ]
+    if from_env:
+        return f"malloc thresholds: {' '.join(from_env)} from the environment"
+    if not enabled:
+        return None
+    libc = _glibc()
+    if libc is None or libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1 \
+            or libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) != 1:
+        return None
+    return (f"malloc thresholds: mmap {MMAP_THRESHOLD >> 20} MiB, trim {TRIM_THRESHOLD >> 20} MiB "
+            "(reuse_freed_memory)")
 
 
 def limit_arenas(arena_max: int) -> Optional[str]:

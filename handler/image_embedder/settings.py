@@ -61,6 +61,7 @@ class EncoderSettings:
     keep_weights_dtype: bool = False  # True: run in the weights' dtype instead of casting to the model's
     ignore_keys: Sequence[str] = field(default_factory=list)  # checkpoint weights the model lacks (a training head), dropped by prefix
     malloc_arena_max: int = 2  # glibc malloc arenas per worker (allocator.py); 0: glibc's default, 8 per core
+    reuse_freed_memory: bool = True  # glibc keeps freed request buffers for the next request (allocator.py)
 
     def pass_size(self, device_type: str) -> int:
         """The most images in one forward pass: the setting, else the original's 32 on a GPU and
@@ -249,5 +250,6 @@ CHECKS: dict[str, Check] = {
     "keep_weights_dtype": _boolean,
     "ignore_keys": _prefixes,
     "malloc_arena_max": _count,
+    "reuse_freed_memory": _boolean,
     "sha256": _optional(_sha256),
 }

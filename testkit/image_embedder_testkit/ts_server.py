@@ -15,6 +15,7 @@ from typing import Optional, Union
 
 import requests
 
+from image_embedder.worker_threads import WAIT_POLICY
 from image_embedder_testkit.checkout import SHIPPED_CONFIG
 
 PORT_KEYS = ("inference_address", "management_address", "metrics_address")
@@ -92,7 +93,7 @@ class TorchServe:
                  base_config: str = SHIPPED_CONFIG, env: Optional[dict] = None,
                  tls: Optional[ServerTls] = None) -> None:
         self.model_store = os.path.abspath(model_store)
-        self.extra_env = dict(env or {})  # for the frontend and, through it, every worker
+        self.extra_env = dict(env or {})  # for the frontend and, through it, every worker; None unsets
         self.models = models
         self.workdir = tempfile.mkdtemp(prefix="ts-test-")
         self.tmpdir = os.path.join(self.workdir, "tmp")
@@ -131,7 +132,10 @@ class TorchServe:
 
     @property
     def env(self) -> dict:
-        env = dict(os.environ, **self.extra_env, TMPDIR=self.tmpdir, TEMP=self.tmpdir)  # TEMP: Java's tmpdir (worker sockets)
+        # the launchers' wait policy, then the caller's variables (None removes one)
+        name, value = WAIT_POLICY
+        env = {**os.environ, name: value, **self.extra_env, "TMPDIR": self.tmpdir, "TEMP": self.tmpdir}  # TEMP: Java's tmpdir (worker sockets)
+        env = {k: v for k, v in env.items() if v is not None}
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         return env
 
