@@ -38,6 +38,8 @@ BENCH_QUICK = background.job("bench quick", in_lane(os.path.join(REPO, "scripts"
                                                     "{out}/bench.json"))
 LAYOUTS_QUICK = background.job("layouts quick", in_lane("-m", "image_embedder_bench.layouts", "--quick", "--json",
                                                         "{out}/layouts.json", "--plot", "{out}/layouts.png"))
+BREAKDOWN_QUICK = background.job("breakdown quick", in_lane("-m", "image_embedder_bench.bench_breakdown", "--quick",
+                                                            "--json", "{out}/breakdown.json"))
 SOAK = background.job("soak", in_lane("-m", "image_embedder_bench.soak", "--minutes", "0.25", "--warmup-min", "0",
                                       "--sample-s", "2", "--clients", "3", "--csv", "{out}/soak.csv", "--plot",
                                       "{out}/soak.png", "--json", "{out}/soak.json"))
@@ -117,3 +119,28 @@ def test_soak_samples_every_worker_and_checks_every_answer():
     assert len(pids) == len(result["workers"]) >= 1
     assert all(float(line.split(",")[2]) > 50 for line in lines[1:])  # a worker holding torch and a model
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.background(BREAKDOWN_QUICK.name)
+def test_breakdown_quick_prints_the_fixed_cost_table():
+    """`image-embedder bench-breakdown --quick`: transport, the batched no-op, the model and our archive,
+    tiny and b32, with ours worked out, and our answers equal to the engine's in process."""
+    if not java_available():
+        pytest.fail("the benchmark needs Java 17 for TorchServe")
+    proc, tmp_path = BREAKDOWN_QUICK.result()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "breakdown.json").read_text())
+    assert not results["errors"], results["errors"]
+    table = {line["id"]: line for line in results["table"]}
+    assert set(table) == {"noop_b1", "noop_dyn", "model", "shipped"}
+    for line in table.values():
+        for payload in ("tiny", "b32"):
+            assert 0 < line[payload]["median_ms"] <= line[payload]["p90_ms"], line
+    shipped = table["shipped"]
+    assert shipped["ours_ms"]["b32"] == pytest.approx(shipped["b32"]["median_ms"] - table["noop_dyn"]["b32"]["median_ms"]
+                                                      - table["model"]["b32"]["median_ms"])
+    assert set(results["checks"]) == {"shipped tiny", "shipped b32"}
+    assert all(v <= 1e-5 for v in results["checks"].values()), results["checks"]
+    assert re.search(r"^our archive, shipped defaults\s+\d+\.\d /\s*\d+\.\d", proc.stdout, re.M), proc.stdout
+    assert results["load_before"] and results["load_after"]
+    assert not [d for d in os.listdir(tmp_path) if d.startswith(("breakdown-", "ts-test-"))]

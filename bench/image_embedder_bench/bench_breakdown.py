@@ -1,204 +1,226 @@
-"""Where the time of one request goes: the example model, batch-32 uint8 .npy, a plain requests client.
+"""The fixed cost of a request: TorchServe's transport, ours, and the model, for a tiny and a b32 request.
 
-    .venv/bin/python scripts/bench_breakdown.py               # 20 requests, py-spy if installed
-    .venv/bin/python scripts/bench_breakdown.py --overlap     # also: workers 1x2 vs 2x1, micro-batching, netty threads
+    .venv/bin/image-embedder bench-breakdown            # 4 interleaved rounds of 12 requests per row
+    .venv/bin/image-embedder bench-breakdown --quick    # smoke run: shipped defaults only, 1 round
 
-Per request, from the outside in: what the client sees; TorchServe's access log (frontend, request
-in to response out); the worker's PredictionTime (TorchServe's Python side, our handler inside) and
-our own HandlerTime / ForwardTime metrics. With py-spy (`pip install py-spy==0.4.3`), the worker
-process is sampled during the run, and its time is split into: waiting for the frontend, reading
-and decoding the message (ts.protocol), our handler (decode / forward / encode) and sending the
-answer. docs/performance.md reads these numbers.
+One TorchServe per environment serves, side by side, the example model at conv1 built with the
+shipped defaults (one worker per core, shared threads, batchSize 16, maxBatchDelay 5 ms) and two
+no-op archives that answer without reading the body: one batched as ours (what TorchServe's
+batching costs a lone request), one with batchSize 1 (TorchServe's transport). A sequential
+requests.Session client sends each payload, uint8 .npy in and out: tiny (1x3x8x8) and b32
+(32x3x224x224, 4.8 MB). In this process, the model's own time for the same payload: the engine
+(`ImageEncoder.embed_requests`) with every core, its best pass of 8/16/32, malloc thresholds as
+a worker has them.
+
+    ours = our archive - the no-op batched as ours - the model in process
+
+Each variant of ours turns one of the worker's defaults off, to show what it is worth: the
+malloc thresholds (`reuse_freed_memory`, an archive setting) and OpenMP's wait policy (the
+server's environment, hence the second TorchServe). Every row runs once per round, in order, rounds
+one after another; medians and p90 over every request of every round. One answer of each archive
+is compared with the engine's embedding of the same payload in process.
 """
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
-import json
 import os
-import re
 import shutil
+import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
 
 import numpy as np
-import requests
+import torch
+import yaml
 
-from image_embedder_bench.bench_client import run_clients
+from image_embedder.allocator import reuse_freed_memory
+from image_embedder_bench.bench_client import RunResult, run_clients
 from image_embedder_bench.cases import NPY, SHAPE, ModelSpec
 from image_embedder_bench.json_out import write_json
-from image_embedder_bench.measure import build_store, encoder_for, limit_runner, make_models
+from image_embedder_bench.measure import (Measurement, build_noop, encoder_for, make_models, run_rounds,
+                                          served_check, timed)
 from image_embedder_testkit.bodies import npy_bytes
-from image_embedder_testkit.checkout import REPO
 from image_embedder_testkit.ts_server import TorchServe
 from image_embedder_tools.build import ArchiveSpec, build_archive
 
-REPO_OUT = os.path.join(REPO, "out")
-METRIC = re.compile(r"\[METRICS\](\w+)\.(?:Milliseconds|ms):([\d.]+)\|#ModelName:(\w+)")
-ACCESS = re.compile(r'"POST /predictions/(\w+) HTTP/1.1" 200 (\d+)')
-BACKEND = re.compile(r"Backend response time: (\d+)")
-# py-spy stack frames (function names) that place a sample in one stage of the worker's loop
-STAGES = [("our handler: forward", ("embed_requests",)), ("our handler: decode request", ("preprocess",)),
-          ("our handler: encode response", ("postprocess",)), ("TorchServe: read + decode message", ("_retrieve_inference_msg",)),
-          ("our handler: metrics", ("_record_metrics",)),
-          ("TorchServe: build + send response", ("create_predict_response", "sendall")),
-          ("TorchServe: around the handler", ("Service.predict",)),
-          ("waiting for the frontend", ("retrieve_msg",))]
+PAYLOADS = {"tiny": (1, 3, 8, 8), "b32": (32, *SHAPE)}
+PASSIVE = {}  # the launchers' environment, as the test kit's TorchServe sets it
+SPINNING = {"OMP_WAIT_POLICY": None}  # libgomp's default: threads spin a while after each parallel region
 
 
-def worker_pids(server: TorchServe, model: str) -> list[int]:
-    """The process ids of a model's workers, from the management API's describe answer."""
-    r = requests.get(f"{server.management_url}/models/{model}", headers=server.headers("management"), timeout=10)
-    return [int(w["pid"]) for w in r.json()[0].get("workers", []) if w.get("pid")]
+@dataclass(frozen=True)
+class Variant:
+    """Our archive with some of the worker's defaults changed: handler settings, the server's environment."""
+
+    id: str
+    name: str
+    settings: Mapping[str, object] = field(default_factory=dict)
+    env: Mapping[str, Optional[str]] = field(default_factory=lambda: PASSIVE)
 
 
-def send(server: TorchServe, model: str, body: bytes, count: int, in_flight: int = 1) -> list[float]:
-    """`count` requests per client from `in_flight` requests.Session clients; client-side latencies (ms)."""
-    result = run_clients(server.inference_url, f"/predictions/{model}", body,
-                         {**server.headers(), "Content-Type": NPY, "Accept": NPY}, in_flight, count, kind="requests")
-    if result.errors:
-        raise RuntimeError(result.errors[0])
-    return [x * 1000 for x in result.latencies_s], count * in_flight * 32 / result.wall_s
+VARIANTS = (
+    Variant("shipped", "our archive, shipped defaults"),
+    Variant("faulting", "  without reuse_freed_memory", {"reuse_freed_memory": False}),
+    Variant("spinning", "  without OMP_WAIT_POLICY=PASSIVE", env=SPINNING),
+    Variant("before", "  without either", {"reuse_freed_memory": False}, SPINNING),
+)
+NOOPS = {"noop_b1": ("no-op, batchSize 1 (transport)", 1), "noop_dyn": ("no-op, batched as ours", 16)}
 
 
-def profile_stages(pid: int, seconds: float, out: str) -> subprocess.Popen:
-    return subprocess.Popen([shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy"),
-                             "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "250", "--idle",
-                             "--nonblocking", "--format", "raw", "--output", out],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+@dataclass
+class Server:
+    """One TorchServe and the archives it serves (their names)."""
+
+    env: Mapping[str, Optional[str]]
+    store: str
+    archives: list[str]
+    ts: Optional[TorchServe] = None
 
 
-def stage_shares(raw_file: str) -> dict[str, float]:
-    """Share of the worker's main-thread samples in each stage (collapsed stacks: 'f;g;h count')."""
-    counts: collections.Counter = collections.Counter()
-    with open(raw_file) as f:
-        for line in f:
-            stack, _, n = line.rstrip().rpartition(" ")
-            if "handle_connection" not in stack:  # other threads (metrics, decode pool)
-                continue
-            for stage, needles in STAGES:
-                if any(f"{needle} (" in stack for needle in needles):
-                    counts[stage] += int(n)
-                    break
-            else:
-                counts["other"] += int(n)
-    total = sum(counts.values()) or 1
-    return {k: counts[k] / total for k, _ in STAGES + [("other", ())] if k in counts}
+def build_servers(work: str, spec: ModelSpec, variants: list[Variant]) -> list[Server]:
+    """The archives, in one model store per environment; the no-ops with the first."""
+    servers: list[Server] = []
+    for variant in variants:
+        server = next((s for s in servers if s.env == variant.env), None)
+        if server is None:
+            server = Server(variant.env, os.path.join(work, f"store{len(servers)}"), [])
+            os.makedirs(server.store)
+            if not servers:
+                for name, (_, batch) in NOOPS.items():  # no worker count: one per core, as ours
+                    config = os.path.join(work, f"{name}.yaml")
+                    with open(config, "w") as f:
+                        yaml.safe_dump({"batchSize": batch, "maxBatchDelay": 5 if batch > 1 else 0}, f)
+                    build_noop(server.store, name, config, work)
+                    server.archives.append(name)
+            servers.append(server)
+        build_archive(ArchiveSpec(spec.model_file, spec.model_class, spec.state_dict, spec.layer,
+                                  input_shape=list(SHAPE), name=variant.id, export_path=server.store,
+                                  settings=dict(variant.settings)), quiet=True)
+        server.archives.append(variant.id)
+    return servers
 
 
-def log_metrics(workdir: str, model: str, skip: int) -> dict[str, float]:
-    """Medians of the worker and frontend metrics for `model`, past the first `skip` (warm-up) requests."""
-    values: dict[str, list[float]] = collections.defaultdict(list)
-    for path in glob.glob(os.path.join(workdir, "logs", "*.log")):
-        with open(path, errors="replace") as f:
-            for line in f:
-                for m in METRIC.finditer(line):
-                    if m.group(3) == model:
-                        values[m.group(1)].append(float(m.group(2)))
-                if (a := ACCESS.search(line)) and a.group(1) == model:
-                    values["access log (frontend)"].append(float(a.group(2)))
-                if b := BACKEND.search(line):
-                    values["Backend response time"].append(float(b.group(1)))
-    # worker metrics are logged twice per batch (its stdout and the frontend's relay): keep distinct runs
-    return {k: statistics.median(v[skip * (2 if len(v) > 1.5 * (skip + 1) else 1):] or v) for k, v in values.items()}
+def start(server: Server) -> None:
+    server.ts = TorchServe(server.store, ",".join(f"{n}={n}.mar" for n in server.archives), env=dict(server.env))
+    server.ts.start(timeout=300)
+    for name in server.archives:
+        server.ts.wait_for_workers(name, os.cpu_count() or 1, timeout=300)
 
 
-def breakdown(server: TorchServe, model: str, body: bytes, count: int) -> dict:
-    warm = 3
-    send(server, model, body, warm)
-    pids = worker_pids(server, model)
-    profile = None
-    raw = os.path.join(tempfile.gettempdir(), f"pyspy-{os.getpid()}.txt")
-    if pids and (shutil.which("py-spy") or os.path.exists(os.path.join(os.path.dirname(sys.executable), "py-spy"))):
-        profile = profile_stages(pids[0], 10, raw)
-        time.sleep(1.0)  # py-spy attaches
-    latencies, rate = send(server, model, body, count)
-    out = {"client latency p50 ms": float(np.median(latencies)), "images/s": rate}
-    if profile is not None:
-        profile.wait(timeout=60)
-        if os.path.exists(raw):
-            out["worker stages (py-spy share of main-thread samples)"] = stage_shares(raw)
-            shutil.move(raw, os.path.join(REPO_OUT, "pyspy-raw.txt")) if os.path.isdir(REPO_OUT) else os.remove(raw)
+def served_row(server: TorchServe, archive: str, name: str, payload: str, body: bytes, count: int) -> Measurement:
+    headers = {**server.headers(), "Content-Type": NPY, "Accept": NPY}
+    run = (lambda: run_clients(server.inference_url, f"/predictions/{archive}", body, headers, 1, count,
+                               server.process.pid, kind="requests"))
+    return Measurement(archive, "served", payload, name, PAYLOADS[payload][0], run)
+
+
+def model_row(encoder, array: np.ndarray, payload: str, count: int) -> Measurement:
+    """The engine in process, its best pass size measured anew each round."""
+    sizes = [p for p in (8, 16, 32) if p <= len(array)] or [len(array)]
+
+    def run() -> RunResult:
+        results = []
+        for size in sizes:
+            encoder.pass_size = size
+            encoder.embed_requests([[array]])  # warm for this size
+            results.append(timed(lambda: encoder.embed_requests([[array]]), count))
+        return min(results, key=lambda r: statistics.median(r.latencies_s))
+
+    return Measurement("model", "limit", payload, "the model in process", len(array), run)
+
+
+def stats(m: Measurement) -> dict[str, float]:
+    lat = m.latencies_ms()
+    return {"median_ms": float(np.median(lat)), "p90_ms": float(np.percentile(lat, 90))}
+
+
+def table(rows: dict[tuple[str, str], dict], variants: list[Variant]) -> list[dict]:
+    """The printed table: each row's median and p90 per payload, then ours and served/model per variant."""
+    out = []
+    names = {**{k: v[0] for k, v in NOOPS.items()}, "model": "the model in process",
+             **{v.id: v.name for v in variants}}
+    for key, name in names.items():
+        out.append({"id": key, "name": name, **{p: rows[(key, p)] for p in PAYLOADS}})
+        if key in {v.id for v in variants}:
+            ours = {p: rows[(key, p)]["median_ms"] - rows[("noop_dyn", p)]["median_ms"] - rows[("model", p)]["median_ms"]
+                    for p in PAYLOADS}
+            spread = {p: rows[(key, p)]["p90_ms"] / rows[(key, p)]["median_ms"] for p in PAYLOADS}
+            out[-1].update(ours_ms=ours, p90_over_median=spread,
+                           model_over_served=rows[("model", "b32")]["median_ms"] / rows[(key, "b32")]["median_ms"])
     return out
 
 
-OVERLAP = [  # label, workers, torch threads per worker, TorchServe overrides
-    ("1 worker x 2 threads", 1, 2, {}),
-    ("2 workers x 1 thread", 2, 1, {}),
-    ("1 worker x 1 thread", 1, 1, {}),
-    ("1 worker x 2 threads, netty 4/4", 1, 2, {"number_of_netty_threads": 4, "netty_client_threads": 4}),
-]
-
-
-def overlap(work: str, spec: ModelSpec, body: bytes, count: int) -> list[dict]:
-    """Images/s of one and two requests in flight for each worker layout (a fresh TorchServe each)."""
-    rows = []
-    for label, workers, threads, overrides in OVERLAP:
-        store = os.path.join(work, f"store-{len(rows)}")
-        os.makedirs(store)
-        config = os.path.join(store, "cfg.yaml")
-        with open(config, "w") as f:
-            json.dump({"minWorkers": workers, "maxWorkers": workers, "batchSize": 1, "maxBatchDelay": 0,
-                       "responseTimeout": 600}, f)
-        build_archive(ArchiveSpec(spec.model_file, spec.model_class, spec.state_dict, spec.layer,
-                                  input_shape=list(SHAPE), config_file=config, name="example",
-                                  export_path=store, settings={"num_threads": threads}), quiet=True)
-        server = TorchServe(store, "example=example.mar", overrides={"default_workers_per_model": workers, **overrides})
-        try:
-            server.start(timeout=300)
-            server.wait_for_workers("example", workers, timeout=300)
-            send(server, "example", body, 2, 2)
-            row = {"layout": label}
-            for in_flight in (1, 2, 4):
-                row[f"{in_flight} in flight img/s"] = send(server, "example", body, max(2, count // in_flight), in_flight)[1]
-            row["load average"] = os.getloadavg()[0]
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        finally:
-            server.cleanup()
-    return rows
+def print_table(lines: list[dict]) -> None:
+    print(f"\n{'ms per request (median / p90)':44} {'tiny':>15} {'b32':>15}")
+    for line in lines:
+        cells = "".join(f"{line[p]['median_ms']:8.1f} /{line[p]['p90_ms']:6.1f}" for p in PAYLOADS)
+        print(f"{line['name']:44} {cells}")
+        if "ours_ms" in line:
+            print(f"{'    ours = archive - no-op batched - model':44} "
+                  + "".join(f"{line['ours_ms'][p]:15.1f}" for p in PAYLOADS)
+                  + f"   p90/median b32 {line['p90_over_median']['b32']:.2f}, model/served b32 "
+                  f"{line['model_over_served']:.2f}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=20, help="measured requests (after 3 warm-up)")
-    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="torch threads of the worker")
-    parser.add_argument("--overlap", action="store_true", help="also compare worker layouts and netty threads")
+    parser.add_argument("--quick", action="store_true", help="smoke run: shipped defaults only, 1 round, 3 requests")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 4; quick 1)")
+    parser.add_argument("--requests", type=int, default=None, help="requests per row per round (default 12; quick 3)")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args(argv)
+    rounds, count = args.rounds or (1 if args.quick else 4), args.requests or (3 if args.quick else 12)
+    variants = list(VARIANTS[:1] if args.quick else VARIANTS)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout must still stop TorchServe
+    reuse_freed_memory()  # the model's own time, as a worker computes it
+    load_before = os.getloadavg()
+    print(f"load average before: {load_before[0]:.2f}", flush=True)
     work = tempfile.mkdtemp(prefix="breakdown-")
-    server = None
-    results: dict = {"load_before": os.getloadavg()}
+    servers: list[Server] = []
     try:
         [spec] = make_models(work, ["example"])
-        body = npy_bytes(np.random.default_rng(0).integers(0, 256, (32, *SHAPE), dtype=np.uint8))
-        names = build_store(work, [spec], ["single"], argparse.Namespace(threads=args.threads, max_batch_delay=0))
-        server = TorchServe(os.path.join(work, "store"), ",".join(names), overrides={"default_workers_per_model": 1})
-        server.start(timeout=300)
-        server.wait_for_workers("example", 1, timeout=300)
-        results["per request"] = breakdown(server, "example", body, args.requests)
-        workdir = server.workdir
-        server.stop(graceful=True)  # flushes the logs
-        results["per request"].update(log_metrics(workdir, "example", 3))
-        shutil.rmtree(workdir, ignore_errors=True)
-        server = None
-        limit = limit_runner(encoder_for(spec, args.threads),
-                             np.random.default_rng(0).integers(0, 256, (32, *SHAPE), dtype=np.uint8), 5)()
-        results["in-process limit ms per b32"] = 1000 * limit.wall_s / limit.requests
-        if args.overlap:
-            results["overlap"] = overlap(work, spec, body, args.requests)
-        results["load_after"] = os.getloadavg()
-        print(json.dumps(results, indent=1))
-        write_json(args.json, results)
-        return 0
+        arrays = {p: np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8) for p, shape in PAYLOADS.items()}
+        bodies = {p: npy_bytes(a) for p, a in arrays.items()}
+        servers = build_servers(work, spec, variants)
+        for server in servers:
+            start(server)
+        encoder = encoder_for(spec, torch.get_num_threads())
+        measurements, checks = [], {}
+        for payload, body in bodies.items():
+            for server in servers:
+                for archive in server.archives:
+                    name = NOOPS[archive][0] if archive in NOOPS else archive
+                    measurements.append(served_row(server.ts, archive, name, payload, body, count))
+                    first = measurements[-1].run()  # warm
+                    if first.errors:
+                        raise RuntimeError(f"{archive} {payload}: {first.errors[0]}")
+                    if archive not in NOOPS:  # the answer checked
+                        expected = encoder.embed_requests([[arrays[payload]]])[0]
+                        checks[f"{archive} {payload}"] = served_check(first.sample, expected, True)
+            measurements.append(model_row(encoder, arrays[payload], payload, count))
+        run_rounds(measurements, rounds)
+        rows = {(m.model, m.id): stats(m) for m in measurements}
+        errors = [e for m in measurements for e in m.errors()]
+        bad = {k: v for k, v in checks.items() if v is None or v > 1e-4}
+        if bad:
+            errors.append(f"served embeddings differ from in-process ones: {bad}")
+        lines = table(rows, variants)
+        print_table(lines)
+        load_after = os.getloadavg()
+        print(f"\nanswers vs in process (max abs diff): " + ", ".join(f"{k} {v:.1e}" for k, v in checks.items()))
+        print(f"{os.cpu_count()} cores; {rounds} rounds of {count} requests per row; load average before "
+              f"{load_before[0]:.2f}, after {load_after[0]:.2f}" + (f"\nERRORS: {errors}" if errors else ""))
+        write_json(args.json, {"table": lines, "checks": checks, "errors": errors, "rounds": rounds,
+                               "requests": count, "load_before": load_before, "load_after": load_after})
+        return 1 if errors else 0
     finally:
-        if server is not None:
-            server.cleanup()
+        for server in servers:
+            if server.ts is not None:
+                server.ts.cleanup()
         shutil.rmtree(work, ignore_errors=True)
 
 

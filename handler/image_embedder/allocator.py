@@ -4,10 +4,10 @@ A request's buffers (the decoded batch, activations, the embeddings) are megabyt
 serves a block above its mmap threshold with a fresh mmap and unmaps it when freed, and returns the
 top of its heap to the system once more than the trim threshold is free there; both thresholds start
 small and only grow as it sees such blocks freed. Either way the next request touches new pages:
-thousands of minor page faults per batch of 32 images, a third of the example model's time in
-process (docs/performance.md#the-fixed-cost-of-a-request). Pinning the mmap threshold at glibc's
-largest (32 MiB, half a heap) and the trim threshold at twice that (glibc's
-own ratio) keeps those pages, so memory stays at the peak a request reaches, as it would under load.
+thousands of minor page faults per batch of 32 images (docs/performance.md#the-fixed-cost-of-a-request).
+Pinning the mmap threshold at glibc's largest (32 MiB, half a heap) and the trim threshold at twice
+that (glibc's own ratio) keeps those pages, so memory stays at the peak a request reaches, as it
+would under load.
 
 The worker's arenas: glibc gives each thread that contends for the heap an arena of its own, up to
 8 per core, and memory freed in one arena is reused only within it; `malloc_arena_max` caps them.
