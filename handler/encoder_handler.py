@@ -33,7 +33,8 @@ from image_embedder.image_decoding import ImageDecoder
 from image_embedder.request_decoding import Decoded, DecodedRequest, Describe, accepted_content_types, decode_batch
 from image_embedder.response_encoding import JSON_TYPE, BatchResults, EncodedResponse, encode_response
 from image_embedder.settings import EncoderSettings
-from image_embedder.worker_threads import CoreShare, available_cores, spinning_threads_warning
+from image_embedder.thread_wait import spinning_threads_warning
+from image_embedder.worker_threads import CoreShare, available_cores
 
 logger = logging.getLogger(__name__)
 

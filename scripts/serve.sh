@@ -11,9 +11,9 @@ cd "$(dirname "$0")/.."
 STATE="$PWD/out/serve"
 mkdir -p "$STATE/tmp" logs
 export TMPDIR="$STATE/tmp" TEMP="$STATE/tmp"
-# torch threads sleep between passes instead of spinning on the cores the other workers use
+# torch threads sleep soon after a pass instead of spinning on the cores the other workers use
 # (docs/deployment.md#workers-per-core-and-per-gpu); read when each worker loads torch
-export OMP_WAIT_POLICY=PASSIVE
+export GOMP_SPINCOUNT=10000
 stop() { .venv/bin/torchserve --stop --foreground >/dev/null 2>&1 || true; }
 if [ "${1:-}" = "--stop" ]; then
   [ -x .venv/bin/torchserve ] && stop

@@ -40,6 +40,7 @@ LAYOUTS_QUICK = background.job("layouts quick", in_lane("-m", "image_embedder_be
                                                         "{out}/layouts.json", "--plot", "{out}/layouts.png"))
 BREAKDOWN_QUICK = background.job("breakdown quick", in_lane("-m", "image_embedder_bench.bench_breakdown", "--quick",
                                                             "--json", "{out}/breakdown.json"))
+THREAD_WAITS = background.job("thread waits", in_lane("-m", "image_embedder_bench.bench_threads", "--wait", "--rounds", "1"))
 SOAK = background.job("soak", in_lane("-m", "image_embedder_bench.soak", "--minutes", "0.25", "--warmup-min", "0",
                                       "--sample-s", "2", "--clients", "3", "--csv", "{out}/soak.csv", "--plot",
                                       "{out}/soak.png", "--json", "{out}/soak.json"))
@@ -91,12 +92,13 @@ def test_layouts_quick_runs_every_layout_against_both_limits():
     from image_embedder_bench.layouts import CASES, LAYOUTS
 
     cases = {c.id for c in CASES if c.quick}
-    assert {(r["case"], r["layout"]) for r in results["rows"]} == {(c, l.id) for c in cases for l in LAYOUTS}
+    layouts = [l for l in LAYOUTS if l.default]
+    assert {(r["case"], r["layout"]) for r in results["rows"]} == {(c, l.id) for c in cases for l in layouts}
     assert all(r["limit"] > 0 and r["ratio"] > 0 and len(r["rates"]) == 1 for r in results["rows"])
     assert {l["limit"] for l in results["limits"]} == {"single stream", "single-thread team"}
     cores = len(os.sched_getaffinity(0))
     assert {name: len(rss) for name, rss in results["rss_mb"].items()} == \
-        {f"example-{l.id}": (l.workers or cores) for l in LAYOUTS}
+        {f"example-{l.id}": (l.workers or cores) for l in layouts}
     assert re.search(r"load average before \d+\.\d\d, after \d+\.\d\d: (quiet|NOT QUIET)", proc.stdout)
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [d for d in os.listdir(tmp_path) if d.startswith(("bench-layouts-", "ts-test-"))]
@@ -144,3 +146,20 @@ def test_breakdown_quick_prints_the_fixed_cost_table():
     assert re.search(r"^our archive, shipped defaults\s+\d+\.\d /\s*\d+\.\d", proc.stdout, re.M), proc.stdout
     assert results["load_before"] and results["load_after"]
     assert not [d for d in os.listdir(tmp_path) if d.startswith(("breakdown-", "ts-test-"))]
+
+
+@pytest.mark.background(THREAD_WAITS.name)
+def test_bench_threads_compares_how_threads_wait():
+    """`image-embedder bench-threads --wait --rounds 1`: every setting timed in a process of its own, with
+    its three figures printed (no figure is asserted: a benchmark is no timed test)."""
+    from image_embedder_bench.bench_threads import WAITS
+
+    proc, _ = THREAD_WAITS.result()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {}
+    for name in WAITS:
+        match = re.search(re.escape(name) + r"\s+(\d+\.\d)\s+(\d+\.\d)\s+(\d+\.\d)$", proc.stdout, re.M)
+        assert match, proc.stdout
+        rows[name] = [float(v) for v in match.groups()]
+    assert all(b1 > 0 and b8 > 0 for b1, b8, _ in rows.values()), rows
+    assert re.search(r"^load average before \d+\.\d\d", proc.stdout, re.M)

@@ -16,7 +16,7 @@ import pytest
 import requests
 import yaml
 
-from image_embedder.worker_threads import WAIT_POLICY
+from image_embedder.thread_wait import SPIN_LIMIT
 from image_embedder_testkit.checkout import REPO, SHIPPED_CONFIG
 from image_embedder_testkit.management import workers
 
@@ -86,10 +86,10 @@ def container_envs(doc: dict) -> list[dict]:
     return []
 
 
-def test_every_launcher_sets_the_wait_policy():
-    """TorchServe's workers inherit its environment, and libgomp reads the policy when torch loads: every
+def test_every_launcher_limits_the_spinning():
+    """TorchServe's workers inherit its environment, and libgomp reads the limit when torch loads: every
     way this project starts TorchServe sets it (the test kit's is checked live, below)."""
-    name, value = WAIT_POLICY
+    name, value = SPIN_LIMIT
     with open(os.path.join(REPO, "scripts", "serve.sh")) as f:
         serve = f.read()
     export = serve.index(f"\nexport {name}={value}\n")
@@ -175,8 +175,8 @@ def test_nothing_listens_beyond_loopback(torchserve):
 
 
 @pytest.mark.server
-def test_workers_run_with_the_wait_policy(torchserve):
+def test_workers_run_with_the_spin_limit(torchserve):
     torchserve.wait_for_workers("encoder", 1)
-    name, value = WAIT_POLICY
+    name, value = SPIN_LIMIT
     pids = [int(w["pid"]) for w in workers(torchserve, "encoder") if w.get("pid")]
     assert pids and all(psutil.Process(pid).environ().get(name) == value for pid in pids)

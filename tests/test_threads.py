@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from image_embedder.worker_threads import WAIT_POLICY, CoreShare, share_of
+from image_embedder.thread_wait import SPIN_LIMIT, spin_count
+from image_embedder.worker_threads import CoreShare, share_of
 from image_embedder_testkit.bodies import npy_bytes
 from image_embedder_testkit.ts_inprocess import InProcessModel, Request
 from image_embedder_tools.build import ArchiveSpec, build_archive
@@ -171,33 +172,45 @@ def plain_archive(example_files, tmp_path_factory):
     return archive(example_files, tmp_path_factory.mktemp("plain"), "threads_plain")
 
 
-@pytest.mark.parametrize("policy, others, warns", [
-    (None, 1, True),  # libgomp's default: spin a while after each parallel region
-    ("ACTIVE", 2, True),
-    ("PASSIVE", 1, False),
-    ("passive", 1, False),  # libgomp reads it case-insensitively
-    (None, 0, False),  # alone: nobody to slow down
+@pytest.mark.parametrize("env, others, warns", [
+    ({}, 1, True),  # libgomp's default: 300 000 spins after each parallel region
+    ({"OMP_WAIT_POLICY": "active"}, 2, True),
+    ({"GOMP_SPINCOUNT": "1M"}, 1, True),
+    ({"GOMP_SPINCOUNT": "10000"}, 1, False),  # the launchers' limit
+    ({"GOMP_SPINCOUNT": "10k", "OMP_WAIT_POLICY": "ACTIVE"}, 1, False),  # the count wins over the policy
+    ({"OMP_WAIT_POLICY": "passive"}, 1, False),  # no spinning at all
+    ({}, 0, False),  # alone: nobody to slow down
 ])
 def test_a_worker_beside_others_warns_when_threads_spin(plain_archive, tmp_path, restore_threads, stand_ins,
-                                                        monkeypatch, caplog, policy, others, warns):
+                                                        monkeypatch, caplog, env, others, warns):
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr("tempfile.tempdir", None)
-    name = WAIT_POLICY[0]
-    if policy is None:
+    for name in (SPIN_LIMIT[0], "OMP_WAIT_POLICY"):
         monkeypatch.delenv(name, raising=False)
-    else:
-        monkeypatch.setenv(name, policy)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     for _ in range(others):  # workers already holding slots in this server's shared file
         stand_ins(2, str(tmp_path / f"image-embedder-busy-workers-{os.getuid()}"))
     with caplog.at_level("WARNING"):
         model = InProcessModel(plain_archive, model_name="threads_plain")
     assert model.handler.cores.live_workers() == others + 1
-    warnings = [r.getMessage() for r in caplog.records if name in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records if "spin" in r.getMessage()]
     if warns:
         assert len(warnings) == 1 and f"{others + 1} workers" in warnings[0]
-        assert f"{name}={WAIT_POLICY[1]}" in warnings[0] and (policy or "unset") in warnings[0]
+        assert f"{SPIN_LIMIT[0]}={SPIN_LIMIT[1]}" in warnings[0]
+        assert all(f"{k}={v}" in warnings[0] for k, v in env.items()) or "neither set" in warnings[0]
     else:
         assert warnings == []
+
+
+@pytest.mark.parametrize("env, spins", [
+    ({}, 300_000), ({"OMP_WAIT_POLICY": "PASSIVE"}, 0), ({"OMP_WAIT_POLICY": "Active"}, float("inf")),
+    ({"GOMP_SPINCOUNT": "250"}, 250), ({"GOMP_SPINCOUNT": " 3 k "}, 3000), ({"GOMP_SPINCOUNT": "2G"}, 2 * 10**9),
+    ({"GOMP_SPINCOUNT": "Infinite", "OMP_WAIT_POLICY": "PASSIVE"}, float("inf")),
+    ({"GOMP_SPINCOUNT": "lots", "OMP_WAIT_POLICY": "PASSIVE"}, 0),  # unreadable: the policy decides
+])
+def test_spin_count_as_libgomp_reads_it(env, spins):
+    assert spin_count(env) == spins
 
 
 @pytest.mark.parametrize("files, expected", [

@@ -15,8 +15,8 @@ a worker has them.
     ours = our archive - the no-op batched as ours - the model in process
 
 Each variant of ours turns one of the worker's defaults off, to show what it is worth: the
-malloc thresholds (`reuse_freed_memory`, an archive setting) and OpenMP's wait policy (the
-server's environment, hence the second TorchServe). Every row runs once per round, in order, rounds
+malloc thresholds (`reuse_freed_memory`, an archive setting) and how OpenMP's threads wait (the
+server's environment, hence a TorchServe per environment). Every row runs once per round, in order, rounds
 one after another; medians and p90 over every request of every round. One answer of each archive
 is compared with the engine's embedding of the same payload in process.
 """
@@ -48,8 +48,9 @@ from image_embedder_testkit.ts_server import TorchServe
 from image_embedder_tools.build import ArchiveSpec, build_archive
 
 PAYLOADS = {"tiny": (1, 3, 8, 8), "b32": (32, *SHAPE)}
-PASSIVE = {}  # the launchers' environment, as the test kit's TorchServe sets it
-SPINNING = {"OMP_WAIT_POLICY": None}  # libgomp's default: threads spin a while after each parallel region
+LAUNCHERS = {}  # the launchers' environment (GOMP_SPINCOUNT=10000), as the test kit's TorchServe sets it
+SPINNING = {"GOMP_SPINCOUNT": None}  # libgomp's default: threads spin ~10 ms after each parallel region
+PASSIVE = {"GOMP_SPINCOUNT": None, "OMP_WAIT_POLICY": "PASSIVE"}  # threads sleep at once
 
 
 @dataclass(frozen=True)
@@ -59,14 +60,15 @@ class Variant:
     id: str
     name: str
     settings: Mapping[str, object] = field(default_factory=dict)
-    env: Mapping[str, Optional[str]] = field(default_factory=lambda: PASSIVE)
+    env: Mapping[str, Optional[str]] = field(default_factory=lambda: LAUNCHERS)
 
 
 VARIANTS = (
     Variant("shipped", "our archive, shipped defaults"),
     Variant("faulting", "  without reuse_freed_memory", {"reuse_freed_memory": False}),
-    Variant("spinning", "  without OMP_WAIT_POLICY=PASSIVE", env=SPINNING),
-    Variant("before", "  without either", {"reuse_freed_memory": False}, SPINNING),
+    Variant("spinning", "  with libgomp's spin count", env=SPINNING),
+    Variant("before", "  with neither (no reuse, libgomp's spin)", {"reuse_freed_memory": False}, SPINNING),
+    Variant("passive", "  with OMP_WAIT_POLICY=PASSIVE instead", env=PASSIVE),
 )
 NOOPS = {"noop_b1": ("no-op, batchSize 1 (transport)", 1), "noop_dyn": ("no-op, batched as ours", 16)}
 

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 import requests
@@ -52,10 +52,15 @@ NPY = "application/x-npy"
 SERVER_SIDE = {**IMAGENET, "resize": 256, "center_crop": 224}  # every archive: uint8 pixels and JPEGs mean the same
 
 
+SPINNING = {"GOMP_SPINCOUNT": None}  # libgomp's default: threads spin ~10 ms after each parallel region
+PASSIVE = {"GOMP_SPINCOUNT": None, "OMP_WAIT_POLICY": "PASSIVE"}  # threads sleep at once
+
+
 @dataclass(frozen=True, kw_only=True)
 class Layout:
     """How one archive runs on the cores: workers (None: one per core), torch threads (None: shared by
-    the busy workers, the default), TorchServe batching."""
+    the busy workers, the default), TorchServe batching, the server's environment over the launchers'
+    (a layout with its own environment gets a TorchServe of its own). `default`: run without --layouts."""
 
     id: str
     title: str
@@ -63,6 +68,8 @@ class Layout:
     threads: Optional[int] = None  # 0: every core
     batch_size: int = 16
     max_batch_delay_ms: int = 20
+    env: Mapping[str, Optional[str]] = field(default_factory=dict)
+    default: bool = True
 
 
 LAYOUTS = (
@@ -70,6 +77,13 @@ LAYOUTS = (
     Layout(id="Nx1", title="1 worker per core x 1 thread", threads=1),
     Layout(id="Nxshared", title="1 worker per core, shared threads (default)"),
     Layout(id="Nxshared-5ms", title="1 worker per core, shared threads, 5 ms batching", max_batch_delay_ms=5),
+    # choices of the shipped layout, by --layouts: the batch delay, how threads wait (thread_wait.py)
+    Layout(id="Nxshared-0ms", title="shared threads, 0 ms batching", max_batch_delay_ms=0, default=False),
+    Layout(id="Nxshared-2ms", title="shared threads, 2 ms batching", max_batch_delay_ms=2, default=False),
+    Layout(id="Nxshared-5ms-spin", title="shared threads, 5 ms batching, libgomp's spin count",
+           max_batch_delay_ms=5, env=SPINNING, default=False),
+    Layout(id="Nxshared-5ms-passive", title="shared threads, 5 ms batching, OMP_WAIT_POLICY=PASSIVE",
+           max_batch_delay_ms=5, env=PASSIVE, default=False),
 )
 
 
@@ -158,7 +172,7 @@ def make_engines(work: str, names: list[str]) -> dict[str, Engine]:
 
 def build_layouts(work: str, engines: dict[str, Engine], layouts: tuple) -> tuple[str, dict[str, int]]:
     """An archive per model and layout in one store; TorchServe's `models` and the worker count of each."""
-    store = os.path.join(work, "store")
+    store = os.path.join(work, f"store-{layouts[0].id}")
     os.makedirs(store, exist_ok=True)
     cores = len(os.sched_getaffinity(0))
     workers = {}
@@ -224,8 +238,9 @@ def check_answer(sample: Optional[bytes], expected: np.ndarray, where: str) -> O
     return None if diff <= 1e-3 else f"{where}: served embedding differs from in-process by {diff:.2e}"
 
 
-def make_rows(model: str, engine: Engine, cases: list[Case], layouts: tuple, payloads: dict, server: TorchServe,
-              peer: Optional[str], args: argparse.Namespace) -> tuple[list[Row], list[str]]:
+def make_rows(model: str, engine: Engine, cases: list[Case], layouts: tuple, payloads: dict,
+              servers: dict[str, TorchServe], peer: Optional[str],
+              args: argparse.Namespace) -> tuple[list[Row], list[str]]:
     """Limit rows, then every case on every layout (and the peer), each warmed up and its answer checked."""
     rows, problems = [], []
     calls = 1 if args.quick else 2
@@ -239,25 +254,23 @@ def make_rows(model: str, engine: Engine, cases: list[Case], layouts: tuple, pay
         images = payloads[case.payload]
         expected = engine.work(1, images)[1]()  # the in-process answer to this payload
         body, headers = http_body(images)
-        headers.update(server.headers())
-        targets = [(layout.id, "served", server.inference_url, f"/predictions/{model}-{layout.id}", body, headers)
-                   for layout in layouts]
+        targets = [(layout.id, "served", servers[layout.id], f"/predictions/{model}-{layout.id}", body,
+                    {**headers, **servers[layout.id].headers()}) for layout in layouts]
         if peer:
             from .litserve_peer import request_body
 
             peer_body = request_body(images) if isinstance(images, np.ndarray) else request_body(jpegs=images)
             targets.append(("litserve", "peer", peer, "/predict", peer_body, {"Content-Type": "application/json"}))
-        for layout, kind, url, path, data, hdrs in targets:
+        for layout, kind, server, path, data, hdrs in targets:
+            url, pid = (server.inference_url, server.process.pid) if kind == "served" else (server, None)
             warm = run_clients(url, path, data, hdrs, 1, 1, kind="requests")
             problems += warm.errors
             if kind == "served" or isinstance(images, np.ndarray):  # the peer resizes JPEGs its own way
                 problem = check_answer(warm.sample, expected, f"{model} {layout} {case.id}")
                 problems += [problem] if problem else []
             row = Row(model, kind, case.id, layout, lambda: 0.0)
-            row.run = (lambda u=url, p=path, d=data, h=hdrs, c=case, r=row, n=len(images): served(
-                run_clients(u, p, d, h, c.clients, c.per_client * args.scale,
-                            server.process.pid if r.kind == "served" else None, kind="requests"),
-                n, r.errors))
+            row.run = (lambda u=url, p=path, d=data, h=hdrs, c=case, r=row, n=len(images), pid=pid: served(
+                run_clients(u, p, d, h, c.clients, c.per_client * args.scale, pid, kind="requests"), n, r.errors))
             rows.append(row)
     return rows, problems
 
@@ -311,7 +324,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: example model, 1 round, few requests")
     parser.add_argument("--models", help="comma-separated: example,resnet18 (default both; quick: example)")
-    parser.add_argument("--layouts", help="comma-separated layout ids (default all): " + ", ".join(l.id for l in LAYOUTS))
+    parser.add_argument("--layouts", help="comma-separated layout ids (default: " + ", ".join(l.id for l in LAYOUTS if l.default)
+                        + "; also " + ", ".join(l.id for l in LAYOUTS if not l.default) + ")")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; quick: 1)")
     parser.add_argument("--scale", type=int, default=1, help="multiplies the requests of every served row")
     parser.add_argument("--peer", action="store_true", help="also the same job on LitServe (pip install litserve==0.2.19)")
@@ -337,18 +351,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"load average {load_before:.2f}" + ("" if load_before < QUIET_LOAD else
           f": above {QUIET_LOAD}, the machine is not quiet; figures from this run are not for the docs"), flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout must still stop the servers
-    layouts = tuple(l for l in LAYOUTS if not args.layouts or l.id in args.layouts.split(","))
+    layouts = tuple(l for l in LAYOUTS if (l.id in args.layouts.split(",") if args.layouts else l.default))
     cases = [c for c in CASES if c.quick or not args.quick]
     work = tempfile.mkdtemp(prefix="bench-layouts-")
-    server, peers = None, []
+    started: list[TorchServe] = []
+    peers = []
     try:
         payloads = make_payloads(args.quick)
         engines = make_engines(work, args.models)
-        store, workers = build_layouts(work, engines, layouts)
-        server = TorchServe(store, ",".join(f"{n}={n}.mar" for n in workers))
-        server.start(timeout=600)
-        for name, count in workers.items():
-            server.wait_for_workers(name, count, timeout=600)
+        servers: dict[str, TorchServe] = {}  # layout id -> its TorchServe, one per environment
+        workers: dict[str, int] = {}
+        for env in dict.fromkeys(tuple(sorted(l.env.items())) for l in layouts):
+            group = tuple(l for l in layouts if tuple(sorted(l.env.items())) == env)
+            store, counts = build_layouts(work, engines, group)
+            server = TorchServe(store, ",".join(f"{n}={n}.mar" for n in counts), env=dict(env))
+            started.append(server)
+            server.start(timeout=600)
+            for name, count in counts.items():
+                server.wait_for_workers(name, count, timeout=600)
+            servers.update({l.id: server for l in group})
+            workers.update(counts)
         rows, problems = [], []
         for model, engine in engines.items():
             peer = None
@@ -356,11 +378,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 proc, peer = start_peer(engine)
                 peers.append(proc)
             mine, found = make_rows(model, engine, [c for c in cases if model in c.models], layouts, payloads,
-                                    server, peer, args)
+                                    servers, peer, args)
             rows += mine
             problems += found
         run_rounds(rows, args.rounds)
-        rss = {name: worker_rss_mb(server, name) for name in workers}
+        rss = {name: worker_rss_mb(servers[name.split("-", 1)[1]], name) for name in workers}
         results = report(rows, cases, rss, (load_before, os.getloadavg()[0]), args)
         results["errors"] = problems + [e for r in rows for e in r.errors]
         for problem in problems:
@@ -375,7 +397,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         for proc in peers:
             os.killpg(proc.pid, signal.SIGKILL)
-        if server is not None:
+        for server in started:
             server.cleanup()
         shutil.rmtree(work, ignore_errors=True)
 

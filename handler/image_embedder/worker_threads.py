@@ -22,10 +22,6 @@ import numpy as np
 import torch
 
 SLOTS = 1024  # workers per TorchServe: pid and busy flag, two int32 each (8 KiB)
-# OpenMP's threads sleep as soon as a parallel region ends instead of spinning on the cores for the
-# next one, which would slow the other workers' passes. libgomp reads it once, when torch loads, so it
-# goes into TorchServe's environment (every worker inherits it): every launcher in this project sets it.
-WAIT_POLICY = ("OMP_WAIT_POLICY", "PASSIVE")
 
 
 CPU_QUOTA_FILES = ("/sys/fs/cgroup/cpu.max",  # cgroup v2: "<quota> <period>" or "max <period>"
@@ -66,18 +62,6 @@ def available_cores() -> int:
 def default_share_file() -> str:
     """One file per TorchServe: its workers all unpack models under the same temporary folder."""
     return os.path.join(tempfile.gettempdir(), f"image-embedder-busy-workers-{os.getuid()}")
-
-
-def spinning_threads_warning(workers: int, environ: Optional[dict] = None) -> Optional[str]:
-    """A warning for the worker's log when several workers share the cores while OpenMP's threads spin
-    between parallel regions (OMP_WAIT_POLICY not PASSIVE), else None."""
-    name, passive = WAIT_POLICY
-    value = (os.environ if environ is None else environ).get(name)
-    if workers < 2 or (value or "").upper() == passive:
-        return None
-    return (f"{workers} workers share this machine's cores while {name} is {value or 'unset'}: each worker's "
-            f"torch threads keep spinning on the cores after its forward pass, slowing the others' passes; "
-            f"set {name}={passive} in TorchServe's environment before it starts (docs/deployment.md#workers-per-core-and-per-gpu)")
 
 
 def _alive(pid: int) -> bool:

@@ -15,7 +15,7 @@ import time
 import psutil
 import requests
 
-from image_embedder.worker_threads import WAIT_POLICY
+from image_embedder.thread_wait import SPIN_LIMIT
 from image_embedder_testkit.ts_server import _torchserve, free_ports, log_tail, refuse_in_quick_tier
 
 
@@ -48,7 +48,7 @@ class KServeLayoutServer:
     def env(self) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TS_")}  # only what KServe would set
         env.update(TMPDIR=self.tmpdir, TEMP=self.tmpdir, TS_SERVICE_ENVELOPE=self.envelope)
-        env.update([WAIT_POLICY])  # the InferenceService's env (deploy/kserve)
+        env.update([SPIN_LIMIT])  # the InferenceService's env (deploy/kserve)
         return env
 
     def start(self, model: str = "encoder", timeout: float = 240.0) -> "KServeLayoutServer":

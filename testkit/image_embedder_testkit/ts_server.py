@@ -15,7 +15,7 @@ from typing import Optional, Union
 
 import requests
 
-from image_embedder.worker_threads import WAIT_POLICY
+from image_embedder.thread_wait import SPIN_LIMIT
 from image_embedder_testkit.checkout import SHIPPED_CONFIG
 
 PORT_KEYS = ("inference_address", "management_address", "metrics_address")
@@ -132,8 +132,8 @@ class TorchServe:
 
     @property
     def env(self) -> dict:
-        # the launchers' wait policy, then the caller's variables (None removes one)
-        name, value = WAIT_POLICY
+        # the launchers' spin limit, then the caller's variables (None removes one)
+        name, value = SPIN_LIMIT
         env = {**os.environ, name: value, **self.extra_env, "TMPDIR": self.tmpdir, "TEMP": self.tmpdir}  # TEMP: Java's tmpdir (worker sockets)
         env = {k: v for k, v in env.items() if v is not None}
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
