@@ -14,6 +14,7 @@ import yaml
 
 from image_embedder_testkit.checkout import REPO, TEST_MODELS
 from image_embedder_tools.build import main
+from image_embedder_tools.kserve_layout import ServingSettings
 
 SCRIPT = os.path.join(REPO, "scripts", "build_mar.py")
 ALLOWED_THIRD_PARTY = {"torch", "numpy", "yaml", "ts", "image_embedder"}
@@ -114,6 +115,12 @@ def test_without_config_file_cpu_defaults_are_written(user_files, tmp_path):
     # no worker count: TorchServe's default_workers_per_model decides on the serving machine
     assert "minWorkers" not in config and "maxWorkers" not in config, config
     assert config["handler"]["pooling"] == "avg" and "default_batch_size" not in config["handler"]
+    # the same keys examples/model-config.yaml shows, and the KServe layout's fallback for a bare archive
+    with open(os.path.join(REPO, "examples", "model-config.yaml")) as f:
+        assert {k: v for k, v in config.items() if k != "handler"} == yaml.safe_load(f)
+    fallback = ServingSettings("encoder", "1.0")
+    assert (fallback.batch_size, fallback.max_batch_delay, fallback.response_timeout) == \
+        (config["batchSize"], config["maxBatchDelay"], config["responseTimeout"])
 
 
 def test_archive_is_loadable_by_torchserve_rules(user_files, tmp_path):

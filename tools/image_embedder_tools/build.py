@@ -35,21 +35,12 @@ from image_embedder.loading import build_model, file_sha256, import_model_file, 
 from image_embedder.preprocessing import DECLARABLE, DECLARATION, PRESETS, declared, preset, summary
 from image_embedder.settings import POOLINGS, EncoderSettings
 from image_embedder_tools.cli_args import add_weights_arguments, parse_kwargs, parse_shape, weights_settings
+from image_embedder_tools.ts_defaults import DEFAULT_TS_CONFIG
 
 # What an archive carries of this project: handler/ whole, i.e. the TorchServe adapter and the engine
 # package beside it. Found by import, so a wheel install (both in site-packages) builds the same archive.
 HANDLER_FILE = importlib.util.find_spec("encoder_handler").origin
 ENGINE_DIR = os.path.dirname(image_embedder.__file__)
-# TorchServe keys written when the user brings no model-config.yaml: dynamic batching of up to 16
-# requests waiting at most 5 ms (a lone request pays the wait; 5 ms beat 20 ms for one client, two in
-# flight and JPEG batches, and tied for 16 single-image clients: docs/performance.md#worker-layout).
-# No worker count: TorchServe's default_workers_per_model decides on the serving machine (one per
-# core on a CPU, one per GPU); the workers share the cores among those computing.
-DEFAULT_TS_CONFIG: dict[str, Any] = {
-    "batchSize": 16,
-    "maxBatchDelay": 5,
-    "responseTimeout": 120,
-}
 # An archive's version (TorchServe's modelVersion) is a path segment of /predictions/<name>/<version>
 # and /models/<name>/<version>; TorchServe takes any string, this build only numbers joined by dots.
 VERSION = re.compile(r"[0-9]+(\.[0-9]+)*")

@@ -28,6 +28,8 @@ from typing import Optional
 
 import yaml
 
+from image_embedder_tools.ts_defaults import DEFAULT_TS_CONFIG
+
 # package data, so an installed wheel finds it from any directory
 CONFIG_TEMPLATE = resources.files("image_embedder_tools") / "kserve" / "config.properties"
 
@@ -42,9 +44,9 @@ class ServingSettings:
     # computing (docs/performance.md#worker-layout). A model_snapshot must name a count.
     min_workers: int = 2
     max_workers: int = 2
-    batch_size: int = 8
-    max_batch_delay: int = 50
-    response_timeout: int = 120
+    batch_size: int = DEFAULT_TS_CONFIG["batchSize"]
+    max_batch_delay: int = DEFAULT_TS_CONFIG["maxBatchDelay"]
+    response_timeout: int = DEFAULT_TS_CONFIG["responseTimeout"]
 
     def snapshot(self, mar_name: str) -> str:
         model = {"defaultVersion": True, "marName": mar_name, "minWorkers": self.min_workers,
