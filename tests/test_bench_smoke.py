@@ -134,7 +134,7 @@ def test_breakdown_quick_prints_the_fixed_cost_table():
     results = json.loads((tmp_path / "breakdown.json").read_text())
     assert not results["errors"], results["errors"]
     table = {line["id"]: line for line in results["table"]}
-    assert set(table) == {"noop_b1", "noop_dyn", "model", "shipped"}
+    assert set(table) == {"noop_b1", "noop_dyn", "model", "model_idle", "shipped"}
     for line in table.values():
         for payload in ("tiny", "b32"):
             assert 0 < line[payload]["median_ms"] <= line[payload]["p90_ms"], line
