@@ -87,7 +87,7 @@ def chlast_npy(server, folder, name, count, seed):
 
 def chlast_args(server, folder, name, *extra):
     return [str(folder / name), "--out", str(folder / "out"), "--url", server.inference_url, "--model", "chlast",
-            "--token", server.keys["inference"], "--quiet", *extra]
+            f"--token={server.keys['inference']}", "--quiet", *extra]  # = : a key may start with "-"
 
 
 @pytest.mark.server
@@ -205,3 +205,13 @@ def test_finished_run_is_not_redone_unless_an_input_changed(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_token_that_starts_with_a_dash_is_given_with_equals():
+    """TorchServe's keys are URL-safe base64: one in 64 starts with "-", which argparse reads as an option
+    unless it is joined with "=" (as the tests and docs/client.md give it)."""
+    from image_embedder_tools.embed import parse_args
+
+    assert parse_args(["a.npy", "--out", "o", "--token=-Ab_9"]).token == "-Ab_9"
+    with pytest.raises(SystemExit):
+        parse_args(["a.npy", "--out", "o", "--token", "-Ab_9"])
