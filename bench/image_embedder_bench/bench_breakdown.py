@@ -26,10 +26,8 @@ import argparse
 import os
 import shutil
 import signal
-import statistics
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
@@ -38,11 +36,11 @@ import torch
 import yaml
 
 from image_embedder.allocator import reuse_freed_memory
-from image_embedder_bench.bench_client import RunResult, run_clients
+from image_embedder_bench.bench_client import run_clients
 from image_embedder_bench.cases import NPY, SHAPE, ModelSpec
 from image_embedder_bench.json_out import write_json
-from image_embedder_bench.measure import (Measurement, build_noop, encoder_for, make_models, run_rounds,
-                                          served_check, timed)
+from image_embedder_bench.measure import (Measurement, build_noop, encoder_for, limit_runner, make_models,
+                                          run_rounds, served_check)
 from image_embedder_testkit.bodies import npy_bytes
 from image_embedder_testkit.ts_server import TorchServe
 from image_embedder_tools.build import ArchiveSpec, build_archive
@@ -123,30 +121,10 @@ def served_row(server: TorchServe, archive: str, name: str, payload: str, body: 
 
 
 def model_row(encoder, array: np.ndarray, payload: str, count: int, idle_s: float = 0.0) -> Measurement:
-    """The engine in process, its best pass size measured anew each round; with `idle_s`, each call
-    after that long idle, as a lone served request finds its worker (threads asleep, caches cold)."""
-    sizes = [p for p in (8, 16, 32) if p <= len(array)] or [len(array)]
-
-    def call() -> None:
-        time.sleep(idle_s)  # not timed: timed() times each call of `work` alone
-        start = time.perf_counter()
-        encoder.embed_requests([[array]])
-        elapsed.append(time.perf_counter() - start)
-
-    elapsed: list[float] = []
-
-    def run() -> RunResult:
-        results = []
-        for size in sizes:
-            encoder.pass_size = size
-            encoder.embed_requests([[array]])  # warm for this size
-            elapsed.clear()
-            result = timed(call, count)
-            results.append(RunResult(count, sum(elapsed), list(elapsed), result.client_cpu_s, 0.0))
-        return min(results, key=lambda r: statistics.median(r.latencies_s))
-
+    """The engine in process (measure.limit_runner: its best pass size, measured anew each round); with
+    `idle_s`, each call after that long idle (threads asleep, caches cold)."""
     key = "model_idle" if idle_s else "model"
-    return Measurement(key, "limit", payload, MODEL_ROWS[key], len(array), run)
+    return Measurement(key, "limit", payload, MODEL_ROWS[key], len(array), limit_runner(encoder, array, count, idle_s))
 
 
 def stats(m: Measurement) -> dict[str, float]:
@@ -162,10 +140,12 @@ def table(rows: dict[tuple[str, str], dict], variants: list[Variant]) -> list[di
     for key, name in names.items():
         out.append({"id": key, "name": name, **{p: rows[(key, p)] for p in PAYLOADS}})
         if key in {v.id for v in variants}:
-            ours, after_idle = ({p: rows[(key, p)]["median_ms"] - rows[("noop_dyn", p)]["median_ms"]
-                                 - rows[(model, p)]["median_ms"] for p in PAYLOADS} for model in MODEL_ROWS)
+            def ours(model: str, key: str = key) -> dict[str, float]:
+                return {p: rows[(key, p)]["median_ms"] - rows[("noop_dyn", p)]["median_ms"] - rows[(model, p)]["median_ms"]
+                        for p in PAYLOADS}
+
             spread = {p: rows[(key, p)]["p90_ms"] / rows[(key, p)]["median_ms"] for p in PAYLOADS}
-            out[-1].update(ours_ms=ours, ours_after_idle_ms=after_idle, p90_over_median=spread,
+            out[-1].update(ours_ms=ours("model"), ours_after_idle_ms=ours("model_idle"), p90_over_median=spread,
                            model_over_served=rows[("model", "b32")]["median_ms"] / rows[(key, "b32")]["median_ms"])
     return out
 
@@ -208,6 +188,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         encoder = encoder_for(spec, torch.get_num_threads())
         measurements, checks = [], {}
         for payload, body in bodies.items():
+            expected = encoder.embed_requests([[arrays[payload]]])[0]
             for server in servers:
                 for archive in server.archives:
                     name = NOOPS[archive][0] if archive in NOOPS else archive
@@ -216,7 +197,6 @@ def main(argv: Optional[list[str]] = None) -> int:
                     if first.errors:
                         raise RuntimeError(f"{archive} {payload}: {first.errors[0]}")
                     if archive not in NOOPS:  # the answer checked
-                        expected = encoder.embed_requests([[arrays[payload]]])[0]
                         checks[f"{archive} {payload}"] = served_check(first.sample, expected, True)
             measurements.append(model_row(encoder, arrays[payload], payload, count))
             measurements.append(model_row(encoder, arrays[payload], payload, count, IDLE_S))

@@ -360,7 +360,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         payloads = make_payloads(args.quick)
         engines = make_engines(work, args.models)
         servers: dict[str, TorchServe] = {}  # layout id -> its TorchServe, one per environment
-        workers: dict[str, int] = {}
+        archive_servers: dict[str, TorchServe] = {}  # archive name -> the TorchServe serving it
         for env in dict.fromkeys(tuple(sorted(l.env.items())) for l in layouts):
             group = tuple(l for l in layouts if tuple(sorted(l.env.items())) == env)
             store, counts = build_layouts(work, engines, group)
@@ -370,7 +370,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             for name, count in counts.items():
                 server.wait_for_workers(name, count, timeout=600)
             servers.update({l.id: server for l in group})
-            workers.update(counts)
+            archive_servers.update({name: server for name in counts})
         rows, problems = [], []
         for model, engine in engines.items():
             peer = None
@@ -382,7 +382,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             rows += mine
             problems += found
         run_rounds(rows, args.rounds)
-        rss = {name: worker_rss_mb(servers[name.split("-", 1)[1]], name) for name in workers}
+        rss = {name: worker_rss_mb(server, name) for name, server in archive_servers.items()}
         results = report(rows, cases, rss, (load_before, os.getloadavg()[0]), args)
         results["errors"] = problems + [e for r in rows for e in r.errors]
         for problem in problems:

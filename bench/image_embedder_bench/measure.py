@@ -159,26 +159,34 @@ def wait_for_archives(server: TorchServe, specs: list[ModelSpec], models: list[s
 
 
 # -- in-process rows ---------------------------------------------------------------------------
-def timed(fn: Callable[[], object], calls: int) -> RunResult:
+def timed(fn: Callable[[], object], calls: int, idle_s: float = 0.0) -> RunResult:
+    """`calls` calls of `fn`, each after `idle_s` asleep (not counted in the wall time or latencies)."""
     latencies = []
+    slept = 0.0
     cpu0 = time.process_time()
     start = time.perf_counter()
     for _ in range(calls):
+        if idle_s:
+            t = time.perf_counter()
+            time.sleep(idle_s)
+            slept += time.perf_counter() - t
         t = time.perf_counter()
         fn()
         latencies.append(time.perf_counter() - t)
-    return RunResult(calls, time.perf_counter() - start, latencies, time.process_time() - cpu0, 0.0)
+    return RunResult(calls, time.perf_counter() - start - slept, latencies, time.process_time() - cpu0, 0.0)
 
 
-def best_pass(encoder: ImageEncoder, work: Callable[[], object], batch: int, calls: int) -> Callable[[], RunResult]:
-    """The fastest of pass sizes 8/16/32 (those <= the batch) for `work`, measured anew each round."""
+def best_pass(encoder: ImageEncoder, work: Callable[[], object], batch: int, calls: int,
+              idle_s: float = 0.0) -> Callable[[], RunResult]:
+    """The fastest of pass sizes 8/16/32 (those <= the batch) for `work`, measured anew each round;
+    each call after `idle_s` asleep (see timed)."""
     sizes = [p for p in (8, 16, 32) if p <= batch] or [batch]
 
     def run() -> RunResult:
         results = []
         for size in sizes:
             encoder.pass_size = size
-            results.append(timed(work, calls))
+            results.append(timed(work, calls, idle_s))
         return min(results, key=lambda r: r.wall_s / r.requests)
 
     for size in sizes:  # warm-up
@@ -187,9 +195,10 @@ def best_pass(encoder: ImageEncoder, work: Callable[[], object], batch: int, cal
     return run
 
 
-def limit_runner(encoder: ImageEncoder, array: np.ndarray, calls: int) -> Callable[[], RunResult]:
-    """What the handler does with a decoded uint8 .npy request: prepare + forward (early exit) + pool."""
-    return best_pass(encoder, lambda: encoder.embed_requests([[array]]), len(array), calls)
+def limit_runner(encoder: ImageEncoder, array: np.ndarray, calls: int, idle_s: float = 0.0) -> Callable[[], RunResult]:
+    """What the handler does with a decoded uint8 .npy request: prepare + forward (early exit) + pool;
+    with `idle_s`, each request after that long idle, as a lone served request finds its worker."""
+    return best_pass(encoder, lambda: encoder.embed_requests([[array]]), len(array), calls, idle_s)
 
 
 def jpeg_limit_runner(encoder: ImageEncoder, decoder: ImageDecoder, files: tuple, calls: int) -> Callable[[], RunResult]:
