@@ -30,8 +30,9 @@ from image_embedder.allocator import limit_arenas, reuse_freed_memory
 from image_embedder.encoder import ImageEncoder, resolve_device
 from image_embedder.errors import RequestError
 from image_embedder.image_decoding import ImageDecoder
-from image_embedder.request_decoding import Decoded, DecodedRequest, Describe, accepted_content_types, decode_batch
-from image_embedder.response_encoding import JSON_TYPE, BatchResults, EncodedResponse, encode_response
+from image_embedder.request_decoding import Decoded, DecodedRequest, Describe, Refusal, accepted_content_types, decode_batch
+from image_embedder.response_encoding import BatchResults, EncodedResponse
+from image_embedder.wire import PLAIN
 from image_embedder.settings import EncoderSettings
 from image_embedder.thread_wait import spinning_threads_warning
 from image_embedder.worker_threads import CoreShare, available_cores
@@ -39,7 +40,7 @@ from image_embedder.worker_threads import CoreShare, available_cores
 logger = logging.getLogger(__name__)
 
 
-Result = Union[np.ndarray, RequestError, Describe]
+Result = Union[np.ndarray, Refusal, Describe]
 
 
 REQUEST_ID = re.compile(r"[\w.:-]{1,128}")  # what the client sends: uuid hex; anything else is not echoed
@@ -125,14 +126,14 @@ class EmbeddingHandler(BaseHandler):
 
     @timed
     def inference(self, data: list[Decoded], *args: Any, **kwargs: Any) -> BatchResults:
-        """Embed all good requests together; errors and describe requests pass through untouched.
-        The results carry the decoded requests, which postprocess answers each in its protocol."""
+        """Embed all good requests together; refusals and describe requests pass through untouched.
+        The results carry the decoded requests, which postprocess answers each in its wire format."""
         good = [(i, d) for i, d in enumerate(data) if isinstance(d, DecodedRequest)]
         results: list[Result] = list(data)
         if good:
             embedded = self.encoder.embed_requests([d.images for _, d in good])
             for (i, request), result in zip(good, embedded):
-                results[i] = request.refusal(result) if isinstance(result, RequestError) else result
+                results[i] = Refusal(result, request.wire) if isinstance(result, RequestError) else result
         return BatchResults(results, data)
 
     @timed
@@ -140,12 +141,12 @@ class EmbeddingHandler(BaseHandler):
         """Serialize each answer once and set its status, Content-Type and headers."""
         out = []
         for idx, (result, request) in enumerate(zip(data, data.requests)):
-            if isinstance(result, RequestError):
-                answer = self._error(idx, result)
+            if isinstance(result, Refusal):
+                answer = self._refuse(idx, result)
             elif isinstance(result, Describe):
-                answer = EncodedResponse(json.dumps(self.describe(), separators=(",", ":")).encode("utf-8"), JSON_TYPE)
+                answer = (result.wire or PLAIN).describe(self.describe(), self.model_name)
             else:
-                answer = encode_response(result, request, self.model_name)
+                answer = request.wire.encode(result, request, self.model_name)
             self.context.set_response_content_type(idx, answer.content_type)
             for name, value in answer.headers.items():  # TorchServe passes these through to the client
                 self.context.set_response_header(idx, name, value)
@@ -155,13 +156,14 @@ class EmbeddingHandler(BaseHandler):
             out.append(answer.body)
         return out
 
-    def _error(self, idx: int, error: RequestError) -> EncodedResponse:
+    def _refuse(self, idx: int, refusal: Refusal) -> EncodedResponse:
+        error = refusal.error
         try:
             phrase = HTTPStatus(error.status).phrase
         except ValueError:
             phrase = error.kind
         self.context.set_response_status(error.status, phrase, idx)
-        return EncodedResponse(error.to_json().encode("utf-8"), JSON_TYPE)
+        return refusal.wire.refuse(error)
 
     def handle(self, data: list[dict], context: Any) -> list[bytes]:
         """One TorchServe batch: decoded, embedded together, each request answered on its own."""
@@ -190,7 +192,7 @@ class EmbeddingHandler(BaseHandler):
             from ts.metrics.metric_type_enum import MetricTypes
 
             served = [d.count for d, r in zip(decoded, results) if isinstance(d, DecodedRequest) and isinstance(r, np.ndarray)]
-            refused = sum(isinstance(r, RequestError) for r in results)
+            refused = sum(isinstance(r, Refusal) for r in results)
             gauge = MetricTypes.GAUGE
             if served:
                 metrics.add_metric("ImagesPerRequest", sum(served) / len(served), "count", None, [], gauge)

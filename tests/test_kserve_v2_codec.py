@@ -114,7 +114,7 @@ def test_responses_tritonclient_reads_back(outputs, binary):
     array = RNG.random((2, 3, 4, 4), dtype=np.float32)
     body, length = triton_body(array, outputs=outputs, request_id="r-9")
     request = decode(body, length)
-    assert request.binary_output is binary and request.request_id == "r-9"
+    assert request.options["binary_output"] is binary and request.request_id == "r-9"
     embeddings = RNG.standard_normal((2, 5)).astype(np.float32)
     answer = encode_response(embeddings, request, "encoder")
     header = answer.headers.get("Inference-Header-Content-Length")

@@ -1,19 +1,23 @@
-"""What every request decoder builds (a DecodedRequest) and the value checks they all apply.
+"""What every wire format's decoder builds (a DecodedRequest, a Refusal or a Describe) and the value
+checks they all apply.
 
-The decoders (request_decoding for .npy, JSON and images; kserve_v2 for the Open Inference
-Protocol) import from here and never from each other's callers, so a body is read in one direction:
-the entry picks a protocol, that protocol's decoder turns values into checked image batches here.
+The formats (wire/) import from here and never from their callers, so a body is read in one
+direction: request_decoding picks a format, the format turns values into checked image batches here.
 """
 from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import numpy as np
 
 from .errors import RequestError, bad_request
+
+if TYPE_CHECKING:
+    from .wire.base import WireFormat
 
 ALLOWED_DTYPES = (np.uint8, np.float16, np.float32, np.float64)
 ALLOWED_DTYPE_NAMES = ", ".join(np.dtype(d).name for d in ALLOWED_DTYPES)
@@ -24,26 +28,45 @@ DecodeImage = Callable[[Any, str], Optional[list[np.ndarray]]]
 
 @dataclass
 class DecodedRequest:
-    """The images of one request, in request order (not grouped by shape), and how the client wants its answer."""
+    """The images of one request, in request order (not grouped by shape), the wire format that read them
+    (and writes the answer), and the request's output options."""
 
     images: list[np.ndarray]
-    protocol: str = "data"  # data | npy | image | kserve_v1 | kserve_v2
-    request_id: Optional[str] = None  # KServe v2 `id`, echoed
-    binary_output: bool = False  # KServe v2: the embedding goes back as binary tensor data
+    wire: Union["WireFormat", str] = "data"  # the format's object; a registry name is looked up
+    request_id: Optional[str] = None  # an id the format echoes (KServe v2 `id`)
     accept: Optional[str] = None  # the request's Accept header (asks for .npy)
+    options: dict[str, Any] = field(default_factory=dict)  # what the format reads when it encodes the answer
+
+    def __post_init__(self) -> None:
+        if isinstance(self.wire, str):
+            from .wire import by_name  # the registry imports this module
+
+            self.wire = by_name(self.wire)
+
+    @property
+    def protocol(self) -> str:
+        """The name of the wire format the request came in."""
+        return self.wire.name
 
     @property
     def count(self) -> int:
         return sum(len(a) for a in self.images)
 
-    def refusal(self, error: RequestError) -> RequestError:
-        """`error` in this request's protocol's form (a KServe v2 refusal also carries `error`)."""
-        return error.for_kserve_v2() if self.protocol == "kserve_v2" else error
+
+@dataclass(frozen=True)
+class Refusal:
+    """A request refused before or during its forward pass, and the format its error is written in."""
+
+    error: RequestError
+    wire: "WireFormat"
 
 
 @dataclass(frozen=True)
 class Describe:
-    """A request with the `describe: true` header: answered with what is served, no embedding."""
+    """A request answered with what is served, no embedding: `describe: true`, or a format's own
+    description route (the OpenAI-style `GET v1/models`). None: the plain JSON description."""
+
+    wire: Optional["WireFormat"] = None
 
 
 def images_unsupported() -> RequestError:
@@ -85,10 +108,20 @@ def json_numbers(data: Any, where: str, dtype: type = np.float32) -> np.ndarray:
         raise bad_request(f"{where} is not a rectangular nested list of numbers: {exc}", "InvalidJson") from exc
 
 
+URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")  # base64 has no ':', so this is a URL
+
+
 def base64_bytes(text: str, where: str) -> bytes:
-    """The bytes of a base64 string; a `data:` URL (data:image/png;base64,....) is read after its comma."""
+    """The bytes of a base64 string; a `data:` URL (data:image/png;base64,....) is read after its comma.
+    Any other URL is refused unread: the server fetches nothing a request names."""
     if text.startswith("data:") and "," in text:
         text = text.split(",", 1)[1]
+    elif URL_SCHEME.match(text):
+        raise bad_request(
+            f"{where} is a URL ({text[:60]!r}); only data: URLs (data:image/png;base64,...) or base64 are read: "
+            "the server fetches nothing a request names",
+            "UrlNotFetched",
+        )
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:

@@ -17,21 +17,10 @@ class RequestError(Exception):
         self.status = status
         self.kind = kind
         self.message = message
-        self.kserve_v2 = False  # set for a KServe v2 request: the body then also carries `error`
-
-    def for_kserve_v2(self) -> "RequestError":
-        """A copy whose body also carries `error` (errors may be shared by the requests of a group)."""
-        copy = RequestError(self.status, self.kind, self.message)
-        copy.kserve_v2 = True
-        return copy
 
     def to_json(self) -> str:
-        """The response body: {"code", "type", "message"}, plus `error` (the same message) for a KServe v2
-        request, where v2 clients (tritonclient's InferenceServerException) look for it."""
-        doc = {"code": self.status, "type": self.kind, "message": self.message}
-        if self.kserve_v2:
-            doc["error"] = self.message
-        return json.dumps(doc)
+        """The response body: {"code", "type", "message"} (a wire format may write its own form)."""
+        return json.dumps({"code": self.status, "type": self.kind, "message": self.message})
 
 
 def as_answer(error: RequestError) -> RequestError:

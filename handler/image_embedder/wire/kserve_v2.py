@@ -28,38 +28,70 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .decoded_request import DecodeImage, DecodedRequest, base64_bytes, check_images, decode_image, json_numbers
-from .errors import RequestError, bad_request
+from ..decoded_request import DecodeImage, DecodedRequest, base64_bytes, check_images, decode_image, json_numbers
+from ..errors import RequestError, bad_request
+from .base import JSON_TYPE, Body, EncodedResponse, WireFormat
 
 HEADER_LENGTH = "inference-header-content-length"  # request and response header, compared lower-case
+BINARY_TYPE = "application/octet-stream"  # an answer's JSON header followed by tensor bytes
 OUTPUT_NAME = "embedding"
 TENSOR_DTYPES = {"UINT8": np.dtype("<u1"), "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
 SUPPORTED = (*TENSOR_DTYPES, "BYTES")
 KIND = "InvalidKServeV2"
 
 
-def decode_body(body: Any, header_length: str, image_decoder: Optional[DecodeImage]) -> DecodedRequest:
-    """A request sent with Inference-Header-Content-Length: a JSON header and the binary section after it
-    (a body TorchServe already parsed as JSON has no binary section). Refused in v2's error form."""
-    try:
-        if isinstance(body, (dict, list)):
-            return _decode(body, memoryview(b""), image_decoder)
-        if isinstance(body, str):
-            body = body.encode("utf-8")
-        if not isinstance(body, (bytes, bytearray)):
-            raise bad_request(f"unsupported body of type {type(body).__name__}", "InvalidBody")
-        return _decode(*split_body(body, header_length), image_decoder)
-    except RequestError as exc:
-        raise exc.for_kserve_v2() from exc
+class KServeV2(WireFormat):
+    """Requests with Inference-Header-Content-Length (binary) or a JSON `{"inputs": [...]}`. A refusal's
+    body also carries `error` (the message), where v2 clients (tritonclient's InferenceServerException)
+    look for it."""
 
+    name = "kserve_v2"
 
-def decode(payload: Any, binary: Optional[memoryview], image_decoder: Optional[DecodeImage]) -> DecodedRequest:
-    """A v2 request's images, in input order; `binary` is the section after the JSON header (None: JSON only).
-    Refused in v2's error form (the body also carries `error`, where v2 clients look)."""
-    try:
-        return _decode(payload, binary, image_decoder)
-    except RequestError as exc:
-        raise exc.for_kserve_v2() from exc
+    def matches(self, body: Body) -> bool:
+        if body.header(HEADER_LENGTH) is not None:
+            return True
+        doc = body.json_object()
+        return doc is not None and "inputs" in doc
+
+    def decode(self, body: Body, image_decoder: Optional[DecodeImage]) -> DecodedRequest:
+        header_length = body.header(HEADER_LENGTH)
+        if header_length is None or body.raw is None:  # JSON, or a binary request TorchServe parsed as JSON
+            if body.payload is None:
+                raise bad_request("request body is empty; send a KServe v2 JSON header", "EmptyBody")
+            payload, binary = body.json(), (None if header_length is None else memoryview(b""))
+        else:
+            payload, binary = split_body(body.raw, header_length)
+        return self._decoded(payload, binary, image_decoder)
+
+    def _decoded(self, payload: Any, binary: Optional[memoryview], image_decoder: Optional[DecodeImage]) -> DecodedRequest:
+        if not isinstance(payload, dict):
+            raise bad_request(f"KServe v2 header must be a JSON object, got {type(payload).__name__}", KIND)
+        inputs = payload.get("inputs")
+        if not isinstance(inputs, list) or not inputs:
+            raise bad_request('KServe v2 body needs a non-empty "inputs" list', KIND)
+        offset = 0
+        images: list[np.ndarray] = []
+        for i, tensor in enumerate(inputs):
+            batches, used = _tensor(tensor, f"inputs[{i}]", binary, offset, image_decoder)
+            images.extend(batches)
+            offset += used
+        available = len(binary) if binary is not None else 0
+        if offset != available:
+            raise bad_request(
+                f"the binary section holds {available} bytes but the inputs' binary_data_size add up to {offset}", KIND
+            )
+        request_id = payload.get("id")
+        return DecodedRequest(images, self, request_id if isinstance(request_id, str) else None,
+                              options={"binary_output": _binary_output(payload)})
+
+    def answer(self, embeddings: np.ndarray, request: DecodedRequest, model_name: str) -> EncodedResponse:
+        binary = bool(request.options.get("binary_output"))
+        body, headers = encode(embeddings, model_name, request.request_id, binary)
+        return EncodedResponse(body, BINARY_TYPE if binary else JSON_TYPE, headers)
+
+    def refuse(self, error: RequestError) -> EncodedResponse:
+        doc = {**json.loads(error.to_json()), "error": error.message}
+        return EncodedResponse(json.dumps(doc).encode("utf-8"), JSON_TYPE)
 
 
 def split_body(body: bytes | bytearray, header_length: str) -> tuple[Any, memoryview]:
@@ -84,28 +116,6 @@ def split_body(body: bytes | bytearray, header_length: str) -> tuple[Any, memory
             f"the first {length} bytes (Inference-Header-Content-Length) are not a JSON header: {exc}", KIND
         ) from None
     return header, view[length:]
-
-
-def _decode(payload: Any, binary: Optional[memoryview], image_decoder: Optional[DecodeImage]) -> DecodedRequest:
-    if not isinstance(payload, dict):
-        raise bad_request(f"KServe v2 header must be a JSON object, got {type(payload).__name__}", KIND)
-    inputs = payload.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
-        raise bad_request('KServe v2 body needs a non-empty "inputs" list', KIND)
-    offset = 0
-    images: list[np.ndarray] = []
-    for i, tensor in enumerate(inputs):
-        batches, used = _tensor(tensor, f"inputs[{i}]", binary, offset, image_decoder)
-        images.extend(batches)
-        offset += used
-    available = len(binary) if binary is not None else 0
-    if offset != available:
-        raise bad_request(
-            f"the binary section holds {available} bytes but the inputs' binary_data_size add up to {offset}", KIND
-        )
-    request_id = payload.get("id")
-    return DecodedRequest(images, "kserve_v2", request_id if isinstance(request_id, str) else None,
-                          binary_output=_binary_output(payload))
 
 
 def _non_negative_int(value: Any, where: str) -> int:
