@@ -17,9 +17,11 @@ from .kserve_v1 import KServeV1
 from .kserve_v2 import KServeV2
 from .multipart import Multipart
 from .npy import NpyArrays
+from .openai_embeddings import OpenAIEmbeddings
 
 FORMATS: tuple[WireFormat, ...] = (
     FormBody(),
+    OpenAIEmbeddings(),
     KServeV2(),
     Multipart(),
     NpyArrays(),
@@ -58,8 +60,8 @@ def unmatched(body: Body) -> RequestError:
         return exc
     if isinstance(doc, dict):
         return bad_request(
-            f'JSON body has keys {sorted(doc)[:10]}; expected "data", "images", "instances" (KServe v1) '
-            'or "inputs" (KServe v2)',
+            f'JSON body has keys {sorted(doc)[:10]}; expected "data", "images", "instances" (KServe v1), '
+            '"inputs" (KServe v2) or "input" (OpenAI-style)',
             "InvalidJson",
         )
     if doc is not NOT_JSON:
