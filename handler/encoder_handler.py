@@ -28,8 +28,9 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from image_embedder.allocator import limit_arenas, reuse_freed_memory
 from image_embedder.encoder import ImageEncoder, resolve_device
-from image_embedder.errors import RequestError
+from image_embedder.errors import RequestError, as_answer
 from image_embedder.image_decoding import ImageDecoder
+from image_embedder.output_options import shape_output
 from image_embedder.request_decoding import Decoded, DecodedRequest, Describe, Refusal, accepted_content_types, decode_batch
 from image_embedder.response_encoding import BatchResults, EncodedResponse
 from image_embedder.wire import PLAIN
@@ -132,7 +133,13 @@ class EmbeddingHandler(BaseHandler):
         results: list[Result] = list(data)
         if good:
             embedded = self.encoder.embed_requests([d.images for _, d in good])
+            settings = self.encoder.settings
             for (i, request), result in zip(good, embedded):
+                if not isinstance(result, RequestError):
+                    try:  # the dtype and dimensions the request (else the archive) asks for
+                        result = shape_output(result, request.output.over(settings.output), settings.normalize)
+                    except RequestError as exc:
+                        result = as_answer(exc)
                 results[i] = Refusal(result, request.wire) if isinstance(result, RequestError) else result
         return BatchResults(results, data)
 

@@ -129,7 +129,7 @@ def test_a_url_is_refused_unread(example_service, url):
     ({"input": ["data:image/png,abc"]}, "InvalidOpenAIRequest", [";base64,"]),
     ({"input": ["data:image/png;base64,aGVsbG8="]}, "InvalidImage", ["input[0]"]),
     ({"input": ["x"], "encoding_format": "int8"}, "InvalidOpenAIRequest", ["'int8'", "float", "base64"]),
-    ({"input": ["x"], "dimensions": 4}, "InvalidOpenAIRequest", ["dimensions"]),
+    ({"input": ["x"], "dimensions": 0}, "InvalidOutputOption", ["dimensions", "positive integer"]),
     ({"input": ["x"], "modality": "text"}, "InvalidOpenAIRequest", ["'text'", "images"]),
     ({"inputs": []}, "InvalidOpenAIRequest", ["'inputs'"]),
 ])

@@ -4,6 +4,7 @@
 
     client = EmbeddingClient("http://127.0.0.1:8080", "encoder", key_file="key_file.json")
     emb = client.embed(images)        # np.ndarray (N, D) float32, one row per image, in order
+    small = client.embed(images, dtype="float16", dimensions=64)  # (N, 64) float16: the first 64
     client.describe()                 # the served model's settings (layer, pooling, embedding_dim, ...)
 
 `images` is one array (C,H,W), a batch (N,C,H,W), or a list whose items are arrays, encoded
@@ -383,26 +384,37 @@ class EmbeddingClient:
                              f"{response.text[:300]}", response.status_code, response.text)
 
     # --- API -------------------------------------------------------------------------------------
-    def embed(self, images: Any) -> np.ndarray:
-        """(N, D) float32 embeddings of `images` (see the module docstring), one row per image, in order."""
+    def embed(self, images: Any, dtype: Optional[str] = None, dimensions: Optional[int] = None) -> np.ndarray:
+        """(N, D) embeddings of `images` (see the module docstring), one row per image, in order.
+        `dtype` ("float32", "float16") and `dimensions` (the first k) ask the server for smaller vectors;
+        None: the archive's own (float32 and every dimension unless it was built otherwise)."""
         items = flatten_images(images)
         if not items:
             raise ValueError("no images to embed")
-        rows = [self.embed_batch(items[i: i + self.batch_size]) for i in range(0, len(items), self.batch_size)]
+        rows = [self.embed_batch(items[i: i + self.batch_size], dtype, dimensions)
+                for i in range(0, len(items), self.batch_size)]
         return np.concatenate(rows) if len(rows) > 1 else rows[0]
 
-    def embed_batch(self, batch: Sequence[Union[np.ndarray, bytes]]) -> np.ndarray:
-        """One request for `batch` (flattened images), whatever its size: (len(batch), D) float32."""
+    def embed_batch(self, batch: Sequence[Union[np.ndarray, bytes]], dtype: Optional[str] = None,
+                    dimensions: Optional[int] = None) -> np.ndarray:
+        """One request for `batch` (flattened images), whatever its size: (len(batch), D), in the dtype
+        the server answers (the one asked for)."""
         request = encode_batch(batch)
         request["headers"]["Accept"] = NPY
+        if dtype is not None:
+            request["headers"]["Embedding-Dtype"] = str(dtype)
+        if dimensions is not None:
+            request["headers"]["Embedding-Dimensions"] = str(dimensions)
         response = self._send("POST", **request)
         if response.headers.get("Content-Type", "").startswith(NPY):
             out = load_npy(io.BytesIO(response.content))
         else:
-            out = np.asarray(response.json()["embeddings"], dtype=np.float32)
+            out = np.asarray(response.json()["embeddings"], dtype=dtype or np.float32)
         if out.ndim != 2 or len(out) != len(batch):
             raise EmbeddingError(f"server answered shape {out.shape} for a batch of {len(batch)} images")
-        return out.astype(np.float32, copy=False)
+        if dtype is not None and out.dtype != np.dtype(dtype):
+            raise EmbeddingError(f"asked for {dtype} embeddings, the server answered {out.dtype}: an older server?")
+        return out
 
     def describe(self) -> dict:
         """What the served model says about itself: class, layer, pooling, embedding_dim, input shape, ..."""

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 import numpy as np
 
 from .errors import RequestError, bad_request
+from .output_options import OutputOptions
 
 if TYPE_CHECKING:
     from .wire.base import WireFormat
@@ -36,6 +37,7 @@ class DecodedRequest:
     request_id: Optional[str] = None  # an id the format echoes (KServe v2 `id`)
     accept: Optional[str] = None  # the request's Accept header (asks for .npy)
     options: dict[str, Any] = field(default_factory=dict)  # what the format reads when it encodes the answer
+    output: OutputOptions = OutputOptions()  # the vectors' dtype and dimensions, where the request asks
 
     def __post_init__(self) -> None:
         if isinstance(self.wire, str):

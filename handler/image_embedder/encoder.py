@@ -18,6 +18,7 @@ from .layer_tap import LayerTap
 from .loading import ModelSource
 from .pooling import Pooling, pool_layers
 from .preprocessing import summary as preprocessing_summary
+from .output_options import OUTPUT_DTYPES
 from .settings import EncoderSettings
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -91,6 +92,9 @@ class ImageEncoder:
                 raise ConfigError(
                     f"one forward pass on input_shape {list(settings.input_shape)} failed: {type(exc).__name__}: {exc}"
                 ) from exc
+            if settings.dimensions is not None and settings.dimensions > self.embedding_dim:
+                raise ConfigError(f"dimensions {settings.dimensions} is more than the {self.embedding_dim} "
+                                  f"dimensions layer {settings.layer_name!r} gives; use at most {self.embedding_dim}")
 
     def _channel_vector(self, values: Optional[Sequence[float]]) -> Optional[torch.Tensor]:
         if values is None:
@@ -254,4 +258,5 @@ class ImageEncoder:
                 "summary": preprocessing_summary(s),
             },
             "limits": {"max_images_per_request": s.max_images_per_request, "max_batch_pixels": s.max_batch_pixels},
+            "output": {"dtype": s.output_dtype, "dimensions": s.dimensions, "dtypes": list(OUTPUT_DTYPES)},
         }

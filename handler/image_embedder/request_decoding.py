@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from .decoded_request import DecodedRequest, DecodeImage, Describe, Refusal
 from .errors import RequestError, as_answer
 from .image_decoding import ImageDecoder
+from .output_options import from_headers
 from .settings import EncoderSettings
 from .wire import FORMATS, PLAIN, choose
 from .wire.base import Body
@@ -58,9 +59,10 @@ def decode(row: dict, headers: Mapping[str, Any], image_decoder: Optional[Decode
         if isinstance(request, Describe):
             return request
         check_request_limits(request, settings.max_images_per_request, settings.max_batch_pixels)
+        output = request.output.over(from_headers(headers))  # the body's own terms win over the headers
     except RequestError as exc:
         return Refusal(as_answer(exc), wire)
-    return replace(request, accept=body.header("accept"))
+    return replace(request, accept=body.header("accept"), output=output)
 
 
 def request_of(row: dict, headers: Mapping[str, Any]) -> Body:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from .errors import ConfigError
+from .output_options import OUTPUT_DTYPES, OutputOptions
 
 POOLINGS = ("avg", "max", "none", "cls", "gem")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -62,6 +63,8 @@ class EncoderSettings:
     ignore_keys: Sequence[str] = field(default_factory=list)  # checkpoint weights the model lacks (a training head), dropped by prefix
     malloc_arena_max: int = 2  # glibc malloc arenas per worker (allocator.py); 0: glibc's default, 8 per core
     reuse_freed_memory: bool = True  # glibc keeps freed request buffers for the next request (allocator.py)
+    output_dtype: str = "float32"  # the answer's dtype unless a request asks (output_options.py)
+    dimensions: Optional[int] = None  # the answer's first k dimensions unless a request asks; None: all
 
     def pass_size(self, device_type: str) -> int:
         """The most images in one forward pass: the setting, else the original's 32 on a GPU and
@@ -69,6 +72,11 @@ class EncoderSettings:
         if self.default_batch_size is not None:
             return self.default_batch_size
         return 32 if device_type == "cuda" else 8
+
+    @property
+    def output(self) -> OutputOptions:
+        """The archive's output options, which a request's own choices override."""
+        return OutputOptions(self.output_dtype, self.dimensions)
 
     @property
     def layer_names(self) -> tuple[str, ...]:
@@ -251,5 +259,7 @@ CHECKS: dict[str, Check] = {
     "ignore_keys": _prefixes,
     "malloc_arena_max": _count,
     "reuse_freed_memory": _boolean,
+    "output_dtype": _one_of(OUTPUT_DTYPES),
+    "dimensions": _optional(_positive_int),
     "sha256": _optional(_sha256),
 }

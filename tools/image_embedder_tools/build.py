@@ -32,6 +32,7 @@ from image_embedder.checkpoints import INDEX_SUFFIX, UnwrapOptions
 from image_embedder.encoder import ImageEncoder
 from image_embedder.errors import ConfigError
 from image_embedder.loading import build_model, file_sha256, import_model_file, load_weights
+from image_embedder.output_options import OUTPUT_DTYPES
 from image_embedder.preprocessing import DECLARABLE, DECLARATION, PRESETS, declared, preset, summary
 from image_embedder.settings import POOLINGS, EncoderSettings
 from image_embedder_tools.cli_args import add_weights_arguments, parse_kwargs, parse_shape, weights_settings
@@ -311,6 +312,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "over the model file's IMAGE_PREPROCESSING, under --set")
     parser.add_argument("--requirements-file", help="the model's pip requirements, carried in the archive "
                         "(TorchServe installs them at model load with install_py_dep_per_model=true)")
+    parser.add_argument("--output-dtype", choices=OUTPUT_DTYPES,
+                        help="the answers' dtype unless a request asks for another (default float32; docs/api.md#output-options)")
+    parser.add_argument("--dimensions", type=int, help="answer the first K dimensions unless a request asks for "
+                        "another K (renormalized when normalize is on); default: all")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other handler setting, VALUE read as YAML (e.g. --set normalize=true)")
     add_weights_arguments(parser)
@@ -327,12 +332,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if not sep:
                 raise ConfigError(f"--set {item!r} must look like KEY=VALUE")
             extra[key.strip()] = yaml.safe_load(value)
+        output = {key: value for key, value in (("output_dtype", args.output_dtype), ("dimensions", args.dimensions))
+                  if value is not None}
         build_archive(ArchiveSpec(
             args.model_file, args.model_class, args.state_dict, args.layer, pooling=args.pooling,
             model_kwargs=kwargs, extra_files=[p for p in args.extra_files.split(",") if p],
             batch_size=args.batch_size, input_shape=parse_shape(args.input_shape), config_file=args.config_file,
             name=args.name, version=args.version, export_path=args.export_path,
-            settings={**weights_settings(args), **extra}, preset=args.preset,
+            settings={**weights_settings(args), **output, **extra}, preset=args.preset,
             requirements_file=args.requirements_file,
         ))
     except ConfigError as exc:

@@ -51,10 +51,17 @@ class RunSettings:
     restart: bool = False
     max_batches: Optional[int] = None
     quiet: bool = False
+    dtype: Optional[str] = None  # the answer's dtype and first k dimensions (None: the archive's)
+    dimensions: Optional[int] = None
 
     @property
     def batch_size(self) -> int:
         return self.client.batch_size
+
+    @property
+    def output(self) -> tuple:
+        """What the run asks of the vectors, as it identifies a plan (empty: the archive's own)."""
+        return tuple(v for v in (("dtype", self.dtype), ("dimensions", self.dimensions)) if v[1] is not None)
 
     def connect(self) -> EmbeddingClient:
         """The client; with neither a token nor a key file, ./key_file.json when there is one."""
@@ -115,10 +122,11 @@ def list_items(inputs: Sequence[str]) -> list[Item]:
     return items
 
 
-def embed_batch(client: EmbeddingClient, batch: Sequence[Item]) -> np.ndarray:
+def embed_batch(client: EmbeddingClient, batch: Sequence[Item], dtype: Optional[str] = None,
+                dimensions: Optional[int] = None) -> np.ndarray:
     """One request for `batch`; a refusal names the files instead of the parts (i0, i1, ...)."""
     try:
-        return client.embed_batch([item.load() for item in batch])
+        return client.embed_batch([item.load() for item in batch], dtype, dimensions)
     except EmbeddingError as exc:
         message = str(exc)
         for i, item in reversed(list(enumerate(batch))):  # "part 'i3'" -> the file's name
@@ -150,9 +158,10 @@ def finished_run(out: str, digest: str) -> Optional[dict]:
 class Checkpoint:
     """Finished batches as shard files under out/checkpoint, tied to one plan (items + batch size)."""
 
-    def __init__(self, out: str, items: Sequence[Item], batch_size: int, restart: bool = False) -> None:
+    def __init__(self, out: str, items: Sequence[Item], batch_size: int, restart: bool = False,
+                 output: Sequence[object] = ()) -> None:
         self.folder = os.path.join(out, CHECKPOINT)
-        digest = items_digest(items, batch_size)
+        digest = items_digest(items, batch_size, *output)
         plan_path = os.path.join(self.folder, "plan.json")
         if restart:
             shutil.rmtree(self.folder, ignore_errors=True)
@@ -162,7 +171,8 @@ class Checkpoint:
             with open(plan_path) as f:
                 if json.load(f).get("digest") != digest:
                     raise ClientError(
-                        f"{self.folder} belongs to another run (different inputs or --batch-size); "
+                        f"{self.folder} belongs to another run (different inputs, --batch-size, --dtype or "
+                        "--dimensions); "
                         "use --restart to start over or another --out"
                     )
         else:
@@ -231,12 +241,12 @@ def run(settings: RunSettings) -> dict:
             raise ClientError("--format parquet needs pyarrow (pip install pyarrow); or use --format npy") from exc
     items = list_items(settings.inputs)
     os.makedirs(settings.out, exist_ok=True)
-    digest = items_digest(items, settings.fmt)
+    digest = items_digest(items, settings.fmt, *settings.output)
     done = None if settings.restart else finished_run(settings.out, digest)
     if done is not None:
         return {"items": len(items), "resumed": len(items), "embedded": 0, "retries": 0, "complete": True,
                 "already_complete": True, "outputs": done["outputs"], "dim": done["dim"]}
-    checkpoint = Checkpoint(settings.out, items, settings.batch_size, settings.restart)
+    checkpoint = Checkpoint(settings.out, items, settings.batch_size, settings.restart, settings.output)
     plan = batches(items, settings.batch_size)
     pending = [i for i in range(len(plan)) if not checkpoint.done(i)]
     resumed = sum(len(plan[i]) for i in range(len(plan)) if checkpoint.done(i))
@@ -245,7 +255,7 @@ def run(settings: RunSettings) -> dict:
     client = settings.connect()
     bar = _progress(len(items), resumed, settings.quiet)
     try:
-        sent = _send(client, plan, pending, checkpoint, bar, settings.concurrency)
+        sent = _send(client, plan, pending, checkpoint, bar, settings)
     finally:
         bar.close()
         client.close()
@@ -257,9 +267,10 @@ def run(settings: RunSettings) -> dict:
 
 
 def _send(client: EmbeddingClient, plan: Sequence[Sequence[Item]], pending: Sequence[int], checkpoint: Checkpoint,
-          bar: Any, concurrency: int) -> int:
-    """Embed the `pending` batches of `plan`, `concurrency` at once, each checkpointed as it arrives;
-    returns how many images were sent."""
+          bar: Any, settings: RunSettings) -> int:
+    """Embed the `pending` batches of `plan`, `settings.concurrency` at once, each checkpointed as it
+    arrives; returns how many images were sent."""
+    concurrency = settings.concurrency
     sent = 0
     todo: Iterator[int] = iter(pending)
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
@@ -268,7 +279,7 @@ def _send(client: EmbeddingClient, plan: Sequence[Sequence[Item]], pending: Sequ
         def submit_next() -> None:
             index = next(todo, None)
             if index is not None:
-                running[pool.submit(embed_batch, client, plan[index])] = index
+                running[pool.submit(embed_batch, client, plan[index], settings.dtype, settings.dimensions)] = index
 
         for _ in range(concurrency * 2):  # a bounded window: memory stays flat on big inputs
             submit_next()
@@ -313,6 +324,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="images per request")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
     parser.add_argument("--format", choices=("npy", "parquet"), default="npy")
+    parser.add_argument("--dtype", choices=("float32", "float16"),
+                        help="the vectors' dtype (default: the archive's, float32 unless built otherwise)")
+    parser.add_argument("--dimensions", type=int, help="keep the first K dimensions (default: the archive's)")
     parser.add_argument("--retries", type=int, default=6, help="tries after a 503/507, a lost worker "
                         "(500 Worker died), a dropped connection or a timeout")
     parser.add_argument("--backoff", type=float, default=0.5, help="first retry delay in seconds (doubles)")
@@ -338,7 +352,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            management_url=args.management_url,
                            verify=False if args.insecure else (args.ca_bundle or True))
     settings = RunSettings(args.inputs, args.out, client, concurrency=args.concurrency, fmt=args.format,
-                           restart=args.restart, max_batches=args.max_batches, quiet=args.quiet)
+                           restart=args.restart, max_batches=args.max_batches, quiet=args.quiet,
+                           dtype=args.dtype, dimensions=args.dimensions)
     try:
         summary = run(settings)
     except (ClientError, TokenError) as exc:

@@ -141,9 +141,9 @@ class WireFormat:
         raise NotImplementedError
 
     def encode(self, embeddings: np.ndarray, request: DecodedRequest, model_name: str) -> EncodedResponse:
-        """The answer for one request's (N, D) float32 embeddings: .npy when its Accept header asks for
-        it (whatever the format), else this format's own answer."""
-        embeddings = np.asarray(embeddings, dtype=np.float32)
+        """The answer for one request's (N, D) embeddings, in the dtype its output options gave them: .npy
+        when its Accept header asks for it (whatever the format), else this format's own answer."""
+        embeddings = np.asarray(embeddings)
         if wants_npy(request.accept):
             return EncodedResponse(write_npy(embeddings), NPY_TYPE)
         return self.answer(embeddings, request, model_name)

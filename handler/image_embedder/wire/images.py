@@ -1,5 +1,6 @@
 """Encoded images (PNG, JPEG): one as the body, or several as JSON `{"images": ["<base64>", ...]}`
-(a `data:` URL prefix is allowed); answered one row per image, in order."""
+(a `data:` URL prefix is allowed, `embedding_dtype` and `dimensions` beside `images` as for JSON arrays);
+answered one row per image, in order."""
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -8,6 +9,7 @@ import numpy as np
 
 from ..decoded_request import DecodedRequest, DecodeImage, base64_bytes, decode_image, images_unsupported
 from ..errors import bad_request
+from ..output_options import from_keys
 from ..image_decoding import IMAGE_CONTENT_TYPES, sniff_format
 from .base import Body, WireFormat
 
@@ -25,7 +27,8 @@ class EncodedImages(WireFormat):
     def decode(self, body: Body, image_decoder: Optional[DecodeImage]) -> DecodedRequest:
         if body.raw:
             return DecodedRequest(decode_image(body.raw, body.content_type, "image", image_decoder), self)
-        return DecodedRequest(base64_images(body.json()["images"], image_decoder), self)
+        doc = body.json()
+        return DecodedRequest(base64_images(doc["images"], image_decoder), self, output=from_keys(doc, ""))
 
 
 def base64_images(items: Any, image_decoder: Optional[DecodeImage]) -> list[np.ndarray]:

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..decoded_request import DecodeImage, DecodedRequest, base64_bytes, check_images, decode_image, json_numbers
 from ..errors import RequestError, bad_request
+from ..output_options import from_keys
 from .base import JSON_TYPE, Body, EncodedResponse, WireFormat
 
 HEADER_LENGTH = "inference-header-content-length"  # request and response header, compared lower-case
@@ -82,7 +83,8 @@ class KServeV2(WireFormat):
             )
         request_id = payload.get("id")
         return DecodedRequest(images, self, request_id if isinstance(request_id, str) else None,
-                              options={"binary_output": _binary_output(payload)})
+                              options={"binary_output": _binary_output(payload)},
+                              output=from_keys(payload.get("parameters"), "parameters."))
 
     def answer(self, embeddings: np.ndarray, request: DecodedRequest, model_name: str) -> EncodedResponse:
         binary = bool(request.options.get("binary_output"))
@@ -277,11 +279,13 @@ def _tensor(tensor: Any, where: str, section: Optional[memoryview], offset: int,
 
 
 def encode(embeddings: np.ndarray, model_name: str, request_id: Optional[str], binary: bool) -> tuple[bytes, dict[str, str]]:
-    """The response body for (N, D) float32 embeddings and the headers it needs (the JSON length when binary)."""
-    output: dict[str, Any] = {"name": OUTPUT_NAME, "shape": list(embeddings.shape), "datatype": "FP32"}
+    """The response body for (N, D) embeddings (a datatype of TENSOR_DTYPES) and the headers it needs (the
+    JSON length when binary)."""
+    datatype = next(name for name, dtype in TENSOR_DTYPES.items() if dtype == embeddings.dtype.newbyteorder("<"))
+    output: dict[str, Any] = {"name": OUTPUT_NAME, "shape": list(embeddings.shape), "datatype": datatype}
     tail = b""
     if binary:
-        tail = np.ascontiguousarray(embeddings, dtype="<f4").tobytes()
+        tail = np.ascontiguousarray(embeddings, dtype=TENSOR_DTYPES[datatype]).tobytes()
         output["parameters"] = {"binary_data_size": len(tail)}
     else:
         output["data"] = embeddings.ravel().tolist()

@@ -6,12 +6,14 @@ With `base_url = http://HOST:8080/predictions/<model>/<version>/v1`, TorchServe 
 header; the same body posted to /predictions/<model> is read the same way (its `input` key says so).
 
 Request: `{"input": str | [str, ...], "model"?: str, "encoding_format"?: "float" | "base64",
-"user"?: str, "modality"?: "image"}` (Infinity's `modality`). Each `input` item is one image: a data
+"dimensions"?: int, "user"?: str, "modality"?: "image"}` (Infinity's `modality`; `dimensions` keeps the
+first k, output_options). Each `input` item is one image: a data
 URL (`data:image/png;base64,...`, `image/jpeg`, `application/x-npy`) or the bare base64 of a PNG,
 JPEG or .npy file. Any other URL is refused unread: the server fetches nothing a request names.
 Answer: `{"object": "list", "data": [{"object": "embedding", "index": i, "embedding": [...]}],
 "model": ..., "usage": {"prompt_tokens": 0, "total_tokens": 0}}`: one embedding per item, in order;
-`base64` is each embedding's little-endian float32 bytes (how the SDK asks by default, then decodes);
+`base64` is each embedding's little-endian bytes (float32 unless the `Embedding-Dtype` header asks
+otherwise; the SDK asks for base64 by default and decodes float32);
 images have no tokens, so usage is zero. Errors: `{"error": {"message", "type", "param", "code"}}`,
 `code` being this server's error type (docs/api.md#errors).
 """
@@ -27,6 +29,7 @@ import numpy as np
 from ..decoded_request import DecodedRequest, DecodeImage, Describe, base64_bytes, check_images, decode_image
 from ..errors import RequestError, bad_request
 from ..npy_codec import NPY_MAGIC, read_npy
+from ..output_options import OutputOptions, parse_dimensions
 from .base import Body, EncodedResponse, WireFormat, json_answer
 
 ROUTES = ("v1/embeddings", "embeddings")
@@ -57,20 +60,18 @@ class OpenAIEmbeddings(WireFormat):
         encoding = doc.get("encoding_format") or "float"
         if encoding not in ENCODINGS:
             raise bad_request(f"encoding_format {encoding!r} is not supported; use one of {list(ENCODINGS)}", KIND)
-        if doc.get("dimensions") is not None:
-            raise bad_request(
-                f"dimensions {doc['dimensions']!r}: this server answers the layer's full width; leave dimensions out",
-                KIND)
         if doc.get("modality", "image") != "image":
             raise bad_request(f"modality {doc['modality']!r} is not served; this model embeds images", KIND)
         model = doc.get("model")
+        output = OutputOptions(dimensions=parse_dimensions(doc.get("dimensions"), "dimensions"))
         images = [_image(item, f"input[{i}]", image_decoder) for i, item in enumerate(_items(doc["input"]))]
         return DecodedRequest(images, self, options={"encoding_format": encoding,
-                                                     "model": model if isinstance(model, str) else None})
+                                                     "model": model if isinstance(model, str) else None}, output=output)
 
     def answer(self, embeddings: np.ndarray, request: DecodedRequest, model_name: str) -> EncodedResponse:
         as_base64 = request.options.get("encoding_format") == "base64"
-        rows = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") if as_base64 else row.tolist()
+        little = embeddings.dtype.newbyteorder("<")
+        rows = [base64.b64encode(row.astype(little).tobytes()).decode("ascii") if as_base64 else row.tolist()
                 for row in embeddings]
         return json_answer({
             "object": "list",
