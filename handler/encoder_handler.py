@@ -137,7 +137,8 @@ class EmbeddingHandler(BaseHandler):
             for (i, request), result in zip(good, embedded):
                 if not isinstance(result, RequestError):
                     try:  # the dtype and dimensions the request (else the archive) asks for
-                        result = shape_output(result, request.output.over(settings.output), settings.normalize)
+                        result = shape_output(result, request.output.over(settings.output), settings.normalize,
+                                              self.encoder.calibration)
                     except RequestError as exc:
                         result = as_answer(exc)
                 results[i] = Refusal(result, request.wire) if isinstance(result, RequestError) else result

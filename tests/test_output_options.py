@@ -134,7 +134,8 @@ def test_archive_defaults_apply_unless_a_request_asks(normalized, example_model)
     assert six.dtype == np.float16 and six.shape == (2, 6)
     np.testing.assert_allclose(six, full[:, :6] / np.linalg.norm(full[:, :6], axis=1, keepdims=True), atol=2e-3)
     [describe] = small.predict([Request(b"", headers={"describe": "true"})])
-    assert describe.json()["output"] == {"dtype": "float16", "dimensions": 6, "dtypes": ["float32", "float16"]}
+    assert describe.json()["output"] == {"dtype": "float16", "dimensions": 6, "dtypes": ["float32", "float16"],
+                                         "calibration": None}
 
 
 def test_dimensions_beyond_the_archive_are_refused_at_build(example_files, tmp_path):

@@ -59,6 +59,8 @@ LOST_WORKER_MESSAGES = ("Worker died", "Worker scaled down")
 # TorchServe 0.12 answers a missing, wrong or expired key with 400 InvalidKeyException.
 AUTH_MARKERS = ("InvalidKeyException", "Token Authorization failed", "Token Authentication failed")
 NPY = "application/x-npy"
+# What `dtype=` may ask (the server's output_options.OUTPUT_DTYPES; the last three need a calibrated archive)
+OUTPUT_DTYPES = ("float32", "float16", "int8", "uint8", "binary")
 # Sent with a fresh value on every request and echoed by the server on its answer.
 REQUEST_ID = "Client-Request-Id"
 Verify = Union[bool, str]
@@ -386,8 +388,9 @@ class EmbeddingClient:
     # --- API -------------------------------------------------------------------------------------
     def embed(self, images: Any, dtype: Optional[str] = None, dimensions: Optional[int] = None) -> np.ndarray:
         """(N, D) embeddings of `images` (see the module docstring), one row per image, in order.
-        `dtype` ("float32", "float16") and `dimensions` (the first k) ask the server for smaller vectors;
-        None: the archive's own (float32 and every dimension unless it was built otherwise)."""
+        `dtype` ("float32", "float16"; "int8", "uint8", "binary" from an archive built with --calibration:
+        binary is (N, ceil(k/8)) uint8, packed bits) and `dimensions` (the first k) ask the server for
+        smaller vectors; None: the archive's own (float32 and every dimension unless built otherwise)."""
         items = flatten_images(images)
         if not items:
             raise ValueError("no images to embed")
@@ -409,10 +412,10 @@ class EmbeddingClient:
         if response.headers.get("Content-Type", "").startswith(NPY):
             out = load_npy(io.BytesIO(response.content))
         else:
-            out = np.asarray(response.json()["embeddings"], dtype=dtype or np.float32)
+            out = np.asarray(response.json()["embeddings"], dtype="uint8" if dtype == "binary" else dtype or np.float32)
         if out.ndim != 2 or len(out) != len(batch):
             raise EmbeddingError(f"server answered shape {out.shape} for a batch of {len(batch)} images")
-        if dtype is not None and out.dtype != np.dtype(dtype):
+        if dtype is not None and out.dtype != np.dtype("uint8" if dtype == "binary" else dtype):
             raise EmbeddingError(f"asked for {dtype} embeddings, the server answered {out.dtype}: an older server?")
         return out
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -18,6 +20,7 @@ from .layer_tap import LayerTap
 from .loading import ModelSource
 from .pooling import Pooling, pool_layers
 from .preprocessing import summary as preprocessing_summary
+from .calibration import CALIBRATED_DTYPES, Calibration
 from .output_options import OUTPUT_DTYPES
 from .settings import EncoderSettings
 
@@ -79,6 +82,16 @@ class ImageEncoder:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.pooling = Pooling.from_settings(settings)
+        self.calibration: Optional[Calibration] = None
+        if settings.calibration_file:
+            self.calibration = Calibration.load(os.path.join(model_dir, settings.calibration_file))
+            whitening = self.calibration.whitening
+            if whitening is not None:
+                self.pooling = replace(self.pooling, whitening=(
+                    torch.from_numpy(whitening.mean).to(self.device), torch.from_numpy(whitening.projection).to(self.device)))
+        elif settings.output_dtype in CALIBRATED_DTYPES:
+            raise ConfigError(f"output_dtype {settings.output_dtype} quantizes with what the archive learned from your "
+                              "images: build with --calibration DIR|FILE.npy (or choose float32, float16)")
         self.tap = LayerTap(model, settings.layer_names, early_exit=settings.early_exit and not settings.compile)
         self._forward = torch.compile(model) if settings.compile else model
         self._mean = self._channel_vector(settings.mean)
@@ -258,5 +271,7 @@ class ImageEncoder:
                 "summary": preprocessing_summary(s),
             },
             "limits": {"max_images_per_request": s.max_images_per_request, "max_batch_pixels": s.max_batch_pixels},
-            "output": {"dtype": s.output_dtype, "dimensions": s.dimensions, "dtypes": list(OUTPUT_DTYPES)},
+            "output": {"dtype": s.output_dtype, "dimensions": s.dimensions,
+                       "dtypes": [d for d in OUTPUT_DTYPES if self.calibration or d not in CALIBRATED_DTYPES],
+                       "calibration": self.calibration.describe() if self.calibration else None},
         }

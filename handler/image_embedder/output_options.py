@@ -3,7 +3,8 @@
 The pooled float32 embedding (N, D) becomes the answer in two steps, in this order:
 1. `dimensions k`: the first k dimensions (Matryoshka truncation), L2-renormalized when the archive
    normalizes (`normalize: true`), so a truncated vector is as unit-length as the full one;
-2. `dtype`: float32 (as computed) or float16 (the nearest half, as numpy rounds).
+2. `dtype`: float32 (as computed), float16 (the nearest half, as numpy rounds), or int8, uint8,
+   binary: quantized with what the archive calibrated on the user's images (calibration.py).
 An archive sets its defaults (`output_dtype`, `dimensions` in its handler settings); a request may ask
 for others in its wire format's own terms or with the `Embedding-Dtype` / `Embedding-Dimensions`
 headers (docs/api.md#output-options). A bad value is a 400 naming the valid ones; more dimensions
@@ -16,9 +17,10 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .calibration import CALIBRATED_DTYPES, Calibration, quantize
 from .errors import bad_request
 
-OUTPUT_DTYPES = ("float32", "float16")
+OUTPUT_DTYPES = ("float32", "float16", *CALIBRATED_DTYPES)
 KIND = "InvalidOutputOption"
 DTYPE_HEADER = "embedding-dtype"  # compared lower-case, as request_decoding reads headers
 DIMENSIONS_HEADER = "embedding-dimensions"
@@ -75,8 +77,10 @@ def from_headers(headers: Any) -> OutputOptions:
                          parse_dimensions(text[DIMENSIONS_HEADER], "Embedding-Dimensions"))
 
 
-def shape_output(embeddings: np.ndarray, options: OutputOptions, normalized: bool) -> np.ndarray:
-    """(N, D) float32 embeddings as `options` ask (None: float32, all D)."""
+def shape_output(embeddings: np.ndarray, options: OutputOptions, normalized: bool,
+                 calibration: Optional[Calibration] = None) -> np.ndarray:
+    """(N, D) float32 embeddings as `options` ask (None: float32, all D); the quantized dtypes need the
+    archive's `calibration`."""
     width = embeddings.shape[1]
     k = options.dimensions
     if k is not None and k != width:
@@ -86,4 +90,10 @@ def shape_output(embeddings: np.ndarray, options: OutputOptions, normalized: boo
         if normalized:
             norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
             embeddings = embeddings / np.maximum(norms, 1e-12)  # torch.nn.functional.normalize's eps
-    return embeddings.astype(options.dtype or "float32", copy=False)
+    dtype = options.dtype or "float32"
+    if dtype in CALIBRATED_DTYPES:
+        if calibration is None:
+            raise bad_request(f"dtype {dtype} needs an archive built with --calibration; this one answers "
+                              f"{', '.join(d for d in OUTPUT_DTYPES if d not in CALIBRATED_DTYPES)}", KIND)
+        return quantize(embeddings, dtype, calibration, normalized)
+    return embeddings.astype(dtype, copy=False)

@@ -7,8 +7,8 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -54,12 +54,14 @@ def pool(features: torch.Tensor, method: str = "avg", channel_axis: int = 1, gem
 @dataclass(frozen=True)
 class Pooling:
     """How tapped layers become one embedding: `method` with its `gem_p`, the feature maps' channel axis,
-    and whether the concatenation is L2-normalized."""
+    an optional whitening `(mean, projection)` on the device (calibration.py), and whether the result
+    is L2-normalized."""
 
     method: str = "avg"
     channel_axis: int = 1
     gem_p: float = 3.0
     normalize: bool = False
+    whitening: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, compare=False)
 
     @classmethod
     def from_settings(cls, settings: Any) -> "Pooling":
@@ -69,9 +71,12 @@ class Pooling:
 
 
 def pool_layers(outputs: Sequence[torch.Tensor], pooling: Pooling = Pooling()) -> torch.Tensor:
-    """Pool each tapped layer, concatenate in order, and L2-normalize if asked."""
+    """Pool each tapped layer, concatenate in order, whiten and L2-normalize if asked."""
     pooled = [pool(o, pooling.method, pooling.channel_axis, pooling.gem_p).float() for o in outputs]
     out = pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)
+    if pooling.whitening is not None:
+        mean, projection = pooling.whitening
+        out = (out - mean) @ projection
     if pooling.normalize:
         out = torch.nn.functional.normalize(out, p=2.0, dim=1)
     return out

@@ -65,6 +65,7 @@ class EncoderSettings:
     reuse_freed_memory: bool = True  # glibc keeps freed request buffers for the next request (allocator.py)
     output_dtype: str = "float32"  # the answer's dtype unless a request asks (output_options.py)
     dimensions: Optional[int] = None  # the answer's first k dimensions unless a request asks; None: all
+    calibration_file: Optional[str] = None  # build --calibration: whitening, quantizer statistics (calibration.py)
 
     def pass_size(self, device_type: str) -> int:
         """The most images in one forward pass: the setting, else the original's 32 on a GPU and
@@ -261,5 +262,6 @@ CHECKS: dict[str, Check] = {
     "reuse_freed_memory": _boolean,
     "output_dtype": _one_of(OUTPUT_DTYPES),
     "dimensions": _optional(_positive_int),
+    "calibration_file": _optional(_string),
     "sha256": _optional(_sha256),
 }

@@ -35,6 +35,7 @@ from image_embedder.loading import build_model, file_sha256, import_model_file, 
 from image_embedder.output_options import OUTPUT_DTYPES
 from image_embedder.preprocessing import DECLARABLE, DECLARATION, PRESETS, declared, preset, summary
 from image_embedder.settings import POOLINGS, EncoderSettings
+from image_embedder_tools.calibrate import calibrate
 from image_embedder_tools.cli_args import add_weights_arguments, parse_kwargs, parse_shape, weights_settings
 from image_embedder_tools.ts_defaults import DEFAULT_TS_CONFIG
 
@@ -72,6 +73,8 @@ class ArchiveSpec:
     settings: Mapping[str, Any] = field(default_factory=dict)
     preset: Optional[str] = None  # imagenet | unit | none: scale/mean/std below the explicit settings
     requirements_file: Optional[str] = None
+    calibration: Optional[str] = None  # the user's images: whitening and the quantized dtypes (calibrate.py)
+    whiten: Optional[int] = None  # PCA-whiten to this many dimensions, fitted on `calibration`
 
 
 # Settings that say where the weights sit in the user's file: used at build time, then dropped,
@@ -196,9 +199,11 @@ def build_archive(spec: ArchiveSpec, quiet: bool = False) -> str:
         raise ConfigError(f"--version {spec.version!r} is not a version: expected numbers joined by dots, "
                           f"e.g. 1.0, 2.0 or 2.0.1 (it is part of the URL /predictions/{spec.name}/<version>)")
     given = [spec.model_file, *([spec.state_dict] if spec.state_dict else []), *spec.extra_files]
-    for path in [*given, *(p for p in (spec.config_file, spec.requirements_file) if p)]:
+    for path in [*given, *(p for p in (spec.config_file, spec.requirements_file, spec.calibration) if p)]:
         if not os.path.exists(path):
             raise ConfigError(f"{path!r} does not exist")
+    if spec.whiten is not None and not spec.calibration:
+        raise ConfigError(f"--whiten {spec.whiten} is fitted on your images: give them with --calibration DIR|FILE.npy")
     if spec.preset is not None:
         preset(spec.preset)  # an unknown name fails here, before anything is staged
     config = merged_model_config(spec.config_file, handler_settings(spec))
@@ -248,6 +253,11 @@ def _check_model(spec: ArchiveSpec, handler: dict[str, Any], root: str, say: Cal
     handler = {k: v for k, v in handler.items() if k not in UNWRAP_SETTINGS}
     if weights:
         handler.update(model_state_dict_path=os.path.basename(weights), sha256=file_sha256(weights))
+    if spec.calibration:  # measured without the output options, which may need what it learns
+        encoder = ImageEncoder(EncoderSettings.from_mapping({**handler, "output_dtype": "float32", "dimensions": None}),
+                               root, model=model)
+        handler["calibration_file"] = calibrate(encoder, spec.calibration, spec.whiten, root, say)
+        encoder.tap.remove()
     encoder = ImageEncoder(EncoderSettings.from_mapping(handler), root, model=model)
     say(f"model {spec.model_class} from {spec.model_file}: layer(s) {handler['layer_name']} resolved"
         + (", weights loaded" if weights else ""))
@@ -316,6 +326,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="the answers' dtype unless a request asks for another (default float32; docs/api.md#output-options)")
     parser.add_argument("--dimensions", type=int, help="answer the first K dimensions unless a request asks for "
                         "another K (renormalized when normalize is on); default: all")
+    parser.add_argument("--calibration", metavar="DIR|FILE.npy", help="your own images (PNG/JPEG/.npy): the "
+                        "statistics of the int8, uint8 and binary dtypes and the fit of --whiten")
+    parser.add_argument("--whiten", type=int, metavar="K", help="PCA-whiten the embeddings to K dimensions, "
+                        "fitted on --calibration (applied before normalize)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other handler setting, VALUE read as YAML (e.g. --set normalize=true)")
     add_weights_arguments(parser)
@@ -340,7 +354,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             batch_size=args.batch_size, input_shape=parse_shape(args.input_shape), config_file=args.config_file,
             name=args.name, version=args.version, export_path=args.export_path,
             settings={**weights_settings(args), **output, **extra}, preset=args.preset,
-            requirements_file=args.requirements_file,
+            requirements_file=args.requirements_file, calibration=args.calibration, whiten=args.whiten,
         ))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

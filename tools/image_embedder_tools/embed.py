@@ -28,6 +28,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from image_embedder_client import ClientOptions, EmbeddingClient, EmbeddingError, TokenError, load_npy
+from image_embedder_client.client import OUTPUT_DTYPES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CHECKPOINT = "checkpoint"
@@ -324,8 +325,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="images per request")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
     parser.add_argument("--format", choices=("npy", "parquet"), default="npy")
-    parser.add_argument("--dtype", choices=("float32", "float16"),
-                        help="the vectors' dtype (default: the archive's, float32 unless built otherwise)")
+    parser.add_argument("--dtype", choices=OUTPUT_DTYPES,
+                        help="the vectors' dtype (default: the archive's, float32 unless built otherwise; int8, "
+                             "uint8 and binary need an archive built with --calibration)")
     parser.add_argument("--dimensions", type=int, help="keep the first K dimensions (default: the archive's)")
     parser.add_argument("--retries", type=int, default=6, help="tries after a 503/507, a lost worker "
                         "(500 Worker died), a dropped connection or a timeout")

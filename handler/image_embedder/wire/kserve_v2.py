@@ -38,6 +38,7 @@ BINARY_TYPE = "application/octet-stream"  # an answer's JSON header followed by 
 OUTPUT_NAME = "embedding"
 TENSOR_DTYPES = {"UINT8": np.dtype("<u1"), "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
 SUPPORTED = (*TENSOR_DTYPES, "BYTES")
+OUTPUT_DATATYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "INT8": np.dtype("i1"), "UINT8": np.dtype("u1")}
 KIND = "InvalidKServeV2"
 
 
@@ -279,13 +280,13 @@ def _tensor(tensor: Any, where: str, section: Optional[memoryview], offset: int,
 
 
 def encode(embeddings: np.ndarray, model_name: str, request_id: Optional[str], binary: bool) -> tuple[bytes, dict[str, str]]:
-    """The response body for (N, D) embeddings (a datatype of TENSOR_DTYPES) and the headers it needs (the
-    JSON length when binary)."""
-    datatype = next(name for name, dtype in TENSOR_DTYPES.items() if dtype == embeddings.dtype.newbyteorder("<"))
+    """The response body for (N, D) embeddings (a dtype of OUTPUT_DATATYPES; packed binary vectors are
+    UINT8) and the headers it needs (the JSON length when binary)."""
+    datatype = next(name for name, dtype in OUTPUT_DATATYPES.items() if dtype == embeddings.dtype.newbyteorder("<"))
     output: dict[str, Any] = {"name": OUTPUT_NAME, "shape": list(embeddings.shape), "datatype": datatype}
     tail = b""
     if binary:
-        tail = np.ascontiguousarray(embeddings, dtype=TENSOR_DTYPES[datatype]).tobytes()
+        tail = np.ascontiguousarray(embeddings, dtype=OUTPUT_DATATYPES[datatype]).tobytes()
         output["parameters"] = {"binary_data_size": len(tail)}
     else:
         output["data"] = embeddings.ravel().tolist()

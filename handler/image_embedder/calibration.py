@@ -1,0 +1,107 @@
+"""What an archive learned from the user's own images at build time (`--calibration`), and the
+quantizers and whitening it makes possible.
+
+- **Whitening** (`--whiten K`, Jégou & Chum, ECCV 2012; the GeM retrieval pipeline of Radenović,
+  Tolias & Chum, TPAMI 2018): PCA fitted on the calibration images' pooled vectors, each of the K
+  components with the most variance scaled to unit variance: `(x - mean) @ projection`, projection =
+  eigenvectors / sqrt(eigenvalues). Applied on the device after pooling, before L2 normalization.
+- **Quantization** of the final vectors (after whitening, normalization and `dimensions`), from the
+  calibration vectors' per-dimension statistics, as sentence-transformers' `quantize_embeddings`
+  does for int8/uint8 (min..max in 256 steps) and with per-dimension medians as binary thresholds
+  (pooled CNN features are non-negative, so the sign would say nothing):
+  uint8 `q = clip(rint((x - low) / step), 0, 255)` with `step = (high - low) / 255` (1 where high == low),
+  int8 `q - 128`, binary `packbits(x > median)` (first dimension in the high bit, numpy's order).
+
+The archive holds the calibration vectors themselves (at most MAX_SAMPLE, at full width), so the
+statistics of any `dimensions k` (renormalized when the archive normalizes) are computed from them
+exactly; `describe` reports how many images were calibrated on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from .errors import ConfigError
+
+CALIBRATED_DTYPES = ("int8", "uint8", "binary")
+MAX_SAMPLE = 4096  # calibration vectors kept in the archive
+EIGEN_FLOOR = 1e-9  # relative to the largest eigenvalue: directions without variance are not amplified
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """PCA-whitening to K dimensions: `(x - mean) @ projection`."""
+
+    mean: np.ndarray  # (D,) float32
+    projection: np.ndarray  # (D, K) float32
+    eigenvalues: np.ndarray  # (K,) float32, descending
+
+    @classmethod
+    def fit(cls, vectors: np.ndarray, k: int) -> "Whitening":
+        """Fitted on (M, D) vectors (float64 maths); K at most D and below M."""
+        m, d = vectors.shape
+        if not 0 < k <= d:
+            raise ConfigError(f"--whiten {k}: the layer gives {d} dimensions; whiten to 1..{d}")
+        if k >= m:
+            raise ConfigError(f"--whiten {k} needs more than {k} calibration images, got {m}")
+        x = vectors.astype(np.float64)
+        mean = x.mean(axis=0)
+        values, vectors_ = np.linalg.eigh(np.cov(x - mean, rowvar=False))
+        order = np.argsort(values)[::-1][:k]
+        values = np.maximum(values[order], EIGEN_FLOOR * max(values.max(), EIGEN_FLOOR))
+        projection = vectors_[:, order] / np.sqrt(values)
+        return cls(mean.astype(np.float32), projection.astype(np.float32), values.astype(np.float32))
+
+    def apply(self, vectors: np.ndarray) -> np.ndarray:
+        return ((vectors - self.mean) @ self.projection).astype(np.float32)
+
+
+@dataclass
+class Calibration:
+    """The calibration vectors (final, full width) and what was fitted; quantizer statistics per width."""
+
+    sample: np.ndarray  # (M, D) float32
+    images: int
+    whitening: Optional[Whitening] = None
+    _stats: dict = field(default_factory=dict, repr=False)
+
+    def save(self, path: str) -> None:
+        arrays = {"sample": self.sample, "images": np.asarray(self.images)}
+        if self.whitening is not None:
+            arrays.update(whiten_mean=self.whitening.mean, whiten_projection=self.whitening.projection,
+                          whiten_eigenvalues=self.whitening.eigenvalues)
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path: str) -> "Calibration":
+        with np.load(path, allow_pickle=False) as f:
+            whitening = (Whitening(f["whiten_mean"], f["whiten_projection"], f["whiten_eigenvalues"])
+                         if "whiten_projection" in f else None)
+            return cls(f["sample"].astype(np.float32), int(f["images"]), whitening)
+
+    def stats(self, k: int, normalized: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(low, step, median) per dimension of the calibration vectors cut to the first k (renormalized
+        when `normalized`), as the answers are."""
+        if k not in self._stats:
+            x = self.sample[:, :k].astype(np.float64)
+            if normalized and k != self.sample.shape[1]:
+                x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+            low, high = x.min(axis=0), x.max(axis=0)
+            step = np.where(high > low, (high - low) / 255.0, 1.0)
+            self._stats[k] = (low, step, np.median(x, axis=0))
+        return self._stats[k]
+
+    def describe(self) -> dict:
+        return {"images": self.images, "dimensions": int(self.sample.shape[1]),
+                "whiten": None if self.whitening is None else int(self.whitening.projection.shape[1])}
+
+
+def quantize(vectors: np.ndarray, dtype: str, calibration: Calibration, normalized: bool) -> np.ndarray:
+    """(N, k) float32 final vectors as `dtype` (one of CALIBRATED_DTYPES)."""
+    low, step, median = calibration.stats(vectors.shape[1], normalized)
+    if dtype == "binary":
+        return np.packbits(vectors > median, axis=1)
+    q = np.clip(np.rint((vectors.astype(np.float64) - low) / step), 0, 255)
+    return (q - 128).astype(np.int8) if dtype == "int8" else q.astype(np.uint8)
