@@ -165,3 +165,26 @@ def test_whitening_more_dimensions_than_the_layer_or_images_is_refused(example_f
         build_archive(spec(example_files, tmp_path, "wide", calibration=str(tmp_path / "few.npy"), whiten=11), quiet=True)
     with pytest.raises(ConfigError, match="more than 6 calibration images, got 5"):
         build_archive(spec(example_files, tmp_path, "few", calibration=str(tmp_path / "few.npy"), whiten=6), quiet=True)
+
+
+def test_json_and_openai_bodies_carry_quantized_vectors(calibrated):
+    import base64
+    import json
+
+    _, service = calibrated
+    x = pixels(8, 2)
+    url = "data:application/x-npy;base64," + base64.b64encode(npy_bytes(x[0])).decode()
+    data, openai_float, openai_b64 = service.predict([
+        Request(json.dumps({"data": x.tolist(), "embedding_dtype": "binary", "dimensions": 9}).encode(),
+                "application/json"),
+        Request(json.dumps({"input": [url], "encoding_format": "float"}).encode(), "application/json",
+                {"Embedding-Dtype": "int8"}),
+        Request(json.dumps({"input": [url], "encoding_format": "base64"}).encode(), "application/json",
+                {"Embedding-Dtype": "int8"}),
+    ])
+    np.testing.assert_array_equal(np.asarray(data.json()["embeddings"], np.uint8),
+                                  asked(service, x, **{"Embedding-Dtype": "binary", "Embedding-Dimensions": "9"}))
+    int8 = asked(service, x[:1], **{"Embedding-Dtype": "int8"})
+    np.testing.assert_array_equal(np.asarray([openai_float.json()["data"][0]["embedding"]], np.int8), int8)
+    raw = base64.b64decode(openai_b64.json()["data"][0]["embedding"])
+    np.testing.assert_array_equal(np.frombuffer(raw, np.int8)[None], int8)
