@@ -112,6 +112,7 @@ def test_whitening_is_the_stored_projection_of_the_models_vectors(whitened, exam
     x = pixels(4, 3)
     calibration = stored(archive)
     raw = reference_embeddings(example_model, "conv1", x.astype(np.float32)).astype(np.float64)
+    raw /= np.linalg.norm(raw, axis=1, keepdims=True)  # normalize: true: L2, whiten, L2
     white = (raw - calibration["whiten_mean"]) @ calibration["whiten_projection"]
     white /= np.linalg.norm(white, axis=1, keepdims=True)
     got = asked(service, x, **{"Embedding-Dtype": "float32"})
@@ -188,3 +189,12 @@ def test_json_and_openai_bodies_carry_quantized_vectors(calibrated):
     np.testing.assert_array_equal(np.asarray([openai_float.json()["data"][0]["embedding"]], np.int8), int8)
     raw = base64.b64decode(openai_b64.json()["data"][0]["embedding"])
     np.testing.assert_array_equal(np.frombuffer(raw, np.int8)[None], int8)
+
+
+def test_whiten_power_zero_is_the_pca_rotation(example_files, tmp_path):
+    np.save(tmp_path / "calibration.npy", pixels(9, 24))
+    archive = build_archive(spec(example_files, tmp_path, "rotated", calibration=str(tmp_path / "calibration.npy"),
+                                 whiten=5, whiten_power=0.0), quiet=True)
+    projection = stored(archive)["whiten_projection"].astype(np.float64)
+    np.testing.assert_allclose(projection.T @ projection, np.eye(5), atol=1e-5)  # orthonormal: nothing scaled
+    assert float(stored(archive)["whiten_power"]) == 0.0

@@ -2,9 +2,12 @@
 quantizers and whitening it makes possible.
 
 - **Whitening** (`--whiten K`, Jégou & Chum, ECCV 2012; the GeM retrieval pipeline of Radenović,
-  Tolias & Chum, TPAMI 2018): PCA fitted on the calibration images' pooled vectors, each of the K
-  components with the most variance scaled to unit variance: `(x - mean) @ projection`, projection =
-  eigenvectors / sqrt(eigenvalues). Applied on the device after pooling, before L2 normalization.
+  Tolias & Chum, TPAMI 2018): PCA fitted on the calibration images' pooled vectors, the K components
+  with the most variance each scaled by eigenvalue^(-power/2): `(x - mean) @ projection`. power 1
+  (default) is full whitening, 0 the PCA rotation alone, between them a shrinkage that amplifies
+  low-variance directions less (a trained, already discriminative layer loses from full whitening:
+  docs/digits.md). Applied on the device after pooling; with `normalize: true` the vectors are
+  L2-normalized before whitening as well as after, as in that pipeline.
 - **Quantization** of the final vectors (after whitening, normalization and `dimensions`), from the
   calibration vectors' per-dimension statistics, as sentence-transformers' `quantize_embeddings`
   does for int8/uint8 (min..max in 256 steps) and with per-dimension medians as binary thresholds
@@ -37,22 +40,25 @@ class Whitening:
     mean: np.ndarray  # (D,) float32
     projection: np.ndarray  # (D, K) float32
     eigenvalues: np.ndarray  # (K,) float32, descending
+    power: float = 1.0
 
     @classmethod
-    def fit(cls, vectors: np.ndarray, k: int) -> "Whitening":
+    def fit(cls, vectors: np.ndarray, k: int, power: float = 1.0) -> "Whitening":
         """Fitted on (M, D) vectors (float64 maths); K at most D and below M."""
         m, d = vectors.shape
         if not 0 < k <= d:
             raise ConfigError(f"--whiten {k}: the layer gives {d} dimensions; whiten to 1..{d}")
         if k >= m:
             raise ConfigError(f"--whiten {k} needs more than {k} calibration images, got {m}")
+        if not 0 <= power <= 1:
+            raise ConfigError(f"--whiten-power {power} must lie in 0..1 (1: full whitening, 0: PCA alone)")
         x = vectors.astype(np.float64)
         mean = x.mean(axis=0)
         values, vectors_ = np.linalg.eigh(np.cov(x - mean, rowvar=False))
         order = np.argsort(values)[::-1][:k]
         values = np.maximum(values[order], EIGEN_FLOOR * max(values.max(), EIGEN_FLOOR))
-        projection = vectors_[:, order] / np.sqrt(values)
-        return cls(mean.astype(np.float32), projection.astype(np.float32), values.astype(np.float32))
+        projection = vectors_[:, order] / values ** (power / 2)
+        return cls(mean.astype(np.float32), projection.astype(np.float32), values.astype(np.float32), power)
 
     def apply(self, vectors: np.ndarray) -> np.ndarray:
         return ((vectors - self.mean) @ self.projection).astype(np.float32)
@@ -71,14 +77,14 @@ class Calibration:
         arrays = {"sample": self.sample, "images": np.asarray(self.images)}
         if self.whitening is not None:
             arrays.update(whiten_mean=self.whitening.mean, whiten_projection=self.whitening.projection,
-                          whiten_eigenvalues=self.whitening.eigenvalues)
+                          whiten_eigenvalues=self.whitening.eigenvalues, whiten_power=np.asarray(self.whitening.power))
         np.savez(path, **arrays)
 
     @classmethod
     def load(cls, path: str) -> "Calibration":
         with np.load(path, allow_pickle=False) as f:
-            whitening = (Whitening(f["whiten_mean"], f["whiten_projection"], f["whiten_eigenvalues"])
-                         if "whiten_projection" in f else None)
+            whitening = (Whitening(f["whiten_mean"], f["whiten_projection"], f["whiten_eigenvalues"],
+                                   float(f["whiten_power"])) if "whiten_projection" in f else None)
             return cls(f["sample"].astype(np.float32), int(f["images"]), whitening)
 
     def stats(self, k: int, normalized: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -95,7 +101,8 @@ class Calibration:
 
     def describe(self) -> dict:
         return {"images": self.images, "dimensions": int(self.sample.shape[1]),
-                "whiten": None if self.whitening is None else int(self.whitening.projection.shape[1])}
+                "whiten": None if self.whitening is None else int(self.whitening.projection.shape[1]),
+                "whiten_power": None if self.whitening is None else self.whitening.power}
 
 
 def quantize(vectors: np.ndarray, dtype: str, calibration: Calibration, normalized: bool) -> np.ndarray:

@@ -76,6 +76,8 @@ def pool_layers(outputs: Sequence[torch.Tensor], pooling: Pooling = Pooling()) -
     out = pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)
     if pooling.whitening is not None:
         mean, projection = pooling.whitening
+        if pooling.normalize:  # L2, whiten, L2: the whitening was fitted on normalized vectors
+            out = torch.nn.functional.normalize(out, p=2.0, dim=1)
         out = (out - mean) @ projection
     if pooling.normalize:
         out = torch.nn.functional.normalize(out, p=2.0, dim=1)

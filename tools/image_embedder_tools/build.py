@@ -75,6 +75,7 @@ class ArchiveSpec:
     requirements_file: Optional[str] = None
     calibration: Optional[str] = None  # the user's images: whitening and the quantized dtypes (calibrate.py)
     whiten: Optional[int] = None  # PCA-whiten to this many dimensions, fitted on `calibration`
+    whiten_power: float = 1.0  # eigenvalue^(-power/2): 1 full whitening, 0 the PCA rotation alone
 
 
 # Settings that say where the weights sit in the user's file: used at build time, then dropped,
@@ -256,7 +257,7 @@ def _check_model(spec: ArchiveSpec, handler: dict[str, Any], root: str, say: Cal
     if spec.calibration:  # measured without the output options, which may need what it learns
         encoder = ImageEncoder(EncoderSettings.from_mapping({**handler, "output_dtype": "float32", "dimensions": None}),
                                root, model=model)
-        handler["calibration_file"] = calibrate(encoder, spec.calibration, spec.whiten, root, say)
+        handler["calibration_file"] = calibrate(encoder, spec.calibration, spec.whiten, root, say, spec.whiten_power)
         encoder.tap.remove()
     encoder = ImageEncoder(EncoderSettings.from_mapping(handler), root, model=model)
     say(f"model {spec.model_class} from {spec.model_file}: layer(s) {handler['layer_name']} resolved"
@@ -330,6 +331,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "statistics of the int8, uint8 and binary dtypes and the fit of --whiten")
     parser.add_argument("--whiten", type=int, metavar="K", help="PCA-whiten the embeddings to K dimensions, "
                         "fitted on --calibration (applied before normalize)")
+    parser.add_argument("--whiten-power", type=float, default=1.0, metavar="P", help="scale each whitened "
+                        "component by eigenvalue^(-P/2): 1 full whitening (default), 0 the PCA rotation alone")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other handler setting, VALUE read as YAML (e.g. --set normalize=true)")
     add_weights_arguments(parser)
@@ -355,6 +358,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             name=args.name, version=args.version, export_path=args.export_path,
             settings={**weights_settings(args), **output, **extra}, preset=args.preset,
             requirements_file=args.requirements_file, calibration=args.calibration, whiten=args.whiten,
+            whiten_power=args.whiten_power,
         ))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -63,14 +63,23 @@ def raw_vectors(encoder: ImageEncoder, path: str) -> np.ndarray:
     return np.concatenate(results).astype(np.float32)
 
 
+def l2(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
 def calibrate(encoder: ImageEncoder, path: str, whiten: Optional[int], root: str,
-              say: Callable[..., None]) -> str:
-    """Write the archive's calibration file into `root`; returns its name (the `calibration_file` setting)."""
+              say: Callable[..., None], whiten_power: float = 1.0) -> str:
+    """Write the archive's calibration file into `root`; returns its name (the `calibration_file` setting).
+    The vectors go through what the server does after pooling: L2 (when normalize is on and whitening
+    follows), whitening, L2 (when normalize is on)."""
+    normalize = encoder.settings.normalize
     raw = raw_vectors(encoder, path)
-    whitening = Whitening.fit(raw, whiten) if whiten else None
-    final = whitening.apply(raw) if whitening else raw
-    if encoder.settings.normalize:
-        final = final / np.maximum(np.linalg.norm(final, axis=1, keepdims=True), 1e-12)
+    final = l2(raw) if normalize and whiten else raw
+    whitening = Whitening.fit(final, whiten, whiten_power) if whiten else None
+    if whitening is not None:
+        final = whitening.apply(final)
+    if normalize:
+        final = l2(final)
     keep = np.linspace(0, len(final) - 1, min(len(final), MAX_SAMPLE)).round().astype(int)
     Calibration(final[keep].astype(np.float32), len(final), whitening).save(os.path.join(root, CALIBRATION_FILE))
     say(f"calibration: {len(final)} images from {path}" + (f", whitened {raw.shape[1]} -> {whiten} dimensions"
