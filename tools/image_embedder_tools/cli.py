@@ -2,6 +2,7 @@
 
     image-embedder build   --model-file m.py --model-class Net --state-dict w.pth --layer layer4
     image-embedder embed   images/ --url http://127.0.0.1:8080 --model encoder --key-file key_file.json
+    image-embedder search  out/store query.png -k 10 --key-file key_file.json
     image-embedder inspect --model-file m.py --model-class Net --input-shape 3,224,224
     image-embedder kserve-layout model_store/encoder.mar out/kserve
     image-embedder bench --quick
@@ -24,6 +25,7 @@ from typing import Optional, Sequence
 COMMANDS = {
     "build": "image_embedder_tools.build",
     "embed": "image_embedder_tools.embed",
+    "search": "image_embedder_tools.search",
     "inspect": "image_embedder_tools.inspect_model",
     "kserve-layout": "image_embedder_tools.kserve_layout",
     "bench": "image_embedder_bench.bench",

@@ -11,12 +11,14 @@ dropped connections and timeouts are retried with backoff, and a refused key is 
 batch is written to a checkpoint shard, so running the same command again after a crash or Ctrl-C
 resumes where it stopped; running it again after it finished says so and sends nothing.
 At the end: out/embeddings.npy (N, D) float32 and out/names.txt (one name per line, same order),
-or out/embeddings.parquet (columns name, embedding) with --format parquet (needs pyarrow).
+out/embeddings.parquet (columns name, embedding) with --format parquet (needs pyarrow), or a LanceDB
+table with --format lance (lance_store; `image-embedder search` queries it).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -29,6 +31,7 @@ import numpy as np
 
 from image_embedder_client import ClientOptions, EmbeddingClient, EmbeddingError, TokenError, load_npy
 from image_embedder_client.client import OUTPUT_DTYPES
+from image_embedder_tools import lance_store
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CHECKPOINT = "checkpoint"
@@ -202,8 +205,11 @@ def batches(items: Sequence[Item], size: int) -> list[list[Item]]:
     return [list(items[i: i + size]) for i in range(0, len(items), size)]
 
 
-def write_output(out: str, names: Sequence[str], embeddings: np.ndarray, fmt: str) -> list[str]:
-    """embeddings.npy + names.txt, or embeddings.parquet; returns the paths written."""
+def write_output(out: str, names: Sequence[str], embeddings: np.ndarray, fmt: str,
+                 dtype: Optional[str] = None) -> list[str]:
+    """embeddings.npy + names.txt, embeddings.parquet, or the LanceDB table; returns the paths written."""
+    if fmt == "lance":
+        return [lance_store.write(out, names, embeddings, dtype)]
     if fmt == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -235,11 +241,17 @@ def _progress(total: int, initial: int, quiet: bool):
 def run(settings: RunSettings) -> dict:
     """Embed everything not yet checkpointed, then (once all batches are done) write the output.
     Inputs already embedded into `settings.out` (same files, same format) are not sent again."""
-    if settings.fmt == "parquet":
+    if settings.fmt in ("parquet", "lance"):
+        needs = "lancedb" if settings.fmt == "lance" else "pyarrow"
         try:
-            import pyarrow  # noqa: F401
+            importlib.import_module(needs)
         except ImportError as exc:
-            raise ClientError("--format parquet needs pyarrow (pip install pyarrow); or use --format npy") from exc
+            raise ClientError(f"--format {settings.fmt} needs {needs} (pip install {needs}); or use --format npy") from exc
+    if settings.fmt == "lance":
+        try:
+            lance_store.distance_for(settings.dtype)
+        except lance_store.StoreError as exc:
+            raise ClientError(str(exc)) from exc
     items = list_items(settings.inputs)
     os.makedirs(settings.out, exist_ok=True)
     digest = items_digest(items, settings.fmt, *settings.output)
@@ -299,21 +311,22 @@ def _finish(settings: RunSettings, items: Sequence[Item], batches_done: int, che
             digest: str) -> dict:
     """Write the output from every checkpointed batch, record the finished run, drop the checkpoint."""
     embeddings = np.concatenate([checkpoint.load(i) for i in range(batches_done)])
-    outputs = write_output(settings.out, [i.name for i in items], embeddings, settings.fmt)
+    try:
+        outputs = write_output(settings.out, [i.name for i in items], embeddings, settings.fmt, settings.dtype)
+    except lance_store.StoreError as exc:
+        raise ClientError(str(exc)) from exc
     dim = int(embeddings.shape[1])
     with open(os.path.join(settings.out, DONE), "w") as f:
-        json.dump({"digest": digest, "items": len(items), "dim": dim, "outputs": outputs}, f)
+        json.dump({"digest": digest, "items": len(items), "dim": dim, "outputs": outputs, "format": settings.fmt,
+                   "model": settings.client.model, "dtype": settings.dtype, "dimensions": settings.dimensions}, f)
     shutil.rmtree(checkpoint.folder, ignore_errors=True)
     return {"outputs": outputs, "dim": dim}
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    """The command line, checked: sizes at least 1, a CA bundle that exists."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="+", help="folders of PNG/JPEG/.npy files, .npy files, or images")
-    parser.add_argument("--out", required=True, help="output folder (also holds the checkpoint)")
+def add_server_arguments(parser: argparse.ArgumentParser, model_default: Optional[str] = "encoder") -> None:
+    """The flags that say how to reach the server (embed and search share them)."""
     parser.add_argument("--url", default="http://127.0.0.1:8080", help="TorchServe inference address")
-    parser.add_argument("--model", default="encoder", help="model name on the server")
+    parser.add_argument("--model", default=model_default, help="model name on the server")
     parser.add_argument("--token", help="inference token (default: from --key-file)")
     parser.add_argument("--key-file", help="TorchServe's key_file.json (default: ./key_file.json if present)")
     parser.add_argument("--management-url", help="TorchServe management address: renews an expired key "
@@ -322,17 +335,41 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     tls.add_argument("--ca-bundle", metavar="PATH", help="HTTPS: the PEM file of the CA that signed the server's "
                      "certificate (default: the system's trust store; docs/security.md#https)")
     tls.add_argument("--insecure", action="store_true", help="HTTPS: check no certificate (testing only)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per request")
-    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
-    parser.add_argument("--format", choices=("npy", "parquet"), default="npy")
-    parser.add_argument("--dtype", choices=OUTPUT_DTYPES,
-                        help="the vectors' dtype (default: the archive's, float32 unless built otherwise; int8, "
-                             "uint8 and binary need an archive built with --calibration)")
-    parser.add_argument("--dimensions", type=int, help="keep the first K dimensions (default: the archive's)")
     parser.add_argument("--retries", type=int, default=6, help="tries after a 503/507, a lost worker "
                         "(500 Worker died), a dropped connection or a timeout")
     parser.add_argument("--backoff", type=float, default=0.5, help="first retry delay in seconds (doubles)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+
+
+def check_server_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """A CA bundle that does not exist is a usage error."""
+    if args.ca_bundle is not None and not os.path.exists(args.ca_bundle):
+        parser.error(f"--ca-bundle {args.ca_bundle!r} does not exist: pass the PEM file of the CA that signed the "
+                     "server's certificate (or leave it out to use the system's trust store)")
+
+
+def client_options(args: argparse.Namespace, batch_size: int = 16, model: Optional[str] = None) -> ClientOptions:
+    """The client the server flags describe."""
+    return ClientOptions(args.url, model or args.model, token=args.token, key_file=args.key_file, timeout=args.timeout,
+                         retries=args.retries, batch_size=batch_size, backoff=args.backoff,
+                         management_url=args.management_url,
+                         verify=False if args.insecure else (args.ca_bundle or True))
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """The command line, checked: sizes at least 1, a CA bundle that exists."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", help="folders of PNG/JPEG/.npy files, .npy files, or images")
+    parser.add_argument("--out", required=True, help="output folder (also holds the checkpoint)")
+    add_server_arguments(parser)
+    parser.add_argument("--batch-size", type=int, default=16, help="images per request")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
+    parser.add_argument("--format", choices=("npy", "parquet", "lance"), default="npy",
+                        help="lance: a LanceDB table in --out, for `image-embedder search`")
+    parser.add_argument("--dtype", choices=OUTPUT_DTYPES,
+                        help="the vectors' dtype (default: the archive's, float32 unless built otherwise; int8, "
+                             "uint8 and binary need an archive built with --calibration)")
+    parser.add_argument("--dimensions", type=int, help="keep the first K dimensions (default: the archive's)")
     parser.add_argument("--restart", action="store_true", help="drop an existing checkpoint or finished "
                         "output and embed everything again")
     parser.add_argument("--max-batches", type=int, help="stop after this many batches (resume later)")
@@ -341,18 +378,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     for name in ("batch_size", "concurrency"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.ca_bundle is not None and not os.path.exists(args.ca_bundle):
-        parser.error(f"--ca-bundle {args.ca_bundle!r} does not exist: pass the PEM file of the CA that signed the "
-                     "server's certificate (or leave it out to use the system's trust store)")
+    check_server_arguments(args, parser)
     return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    client = ClientOptions(args.url, args.model, token=args.token, key_file=args.key_file, timeout=args.timeout,
-                           retries=args.retries, batch_size=args.batch_size, backoff=args.backoff,
-                           management_url=args.management_url,
-                           verify=False if args.insecure else (args.ca_bundle or True))
+    client = client_options(args, args.batch_size)
     settings = RunSettings(args.inputs, args.out, client, concurrency=args.concurrency, fmt=args.format,
                            restart=args.restart, max_batches=args.max_batches, quiet=args.quiet,
                            dtype=args.dtype, dimensions=args.dimensions)
