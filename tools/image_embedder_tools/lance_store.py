@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+os.environ.setdefault("LANCEDB_LOG", "error")  # read once, when lancedb loads: not the warning that a table is new
 TABLE = "embeddings"
 SEARCHABLE = {"float32": "cosine", "float16": "cosine", "binary": "hamming"}
 
