@@ -30,12 +30,11 @@ from image_embedder.allocator import limit_arenas, reuse_freed_memory
 from image_embedder.encoder import ImageEncoder, resolve_device
 from image_embedder.errors import RequestError, as_answer
 from image_embedder.image_decoding import ImageDecoder
-from image_embedder.output_options import shape_output
 from image_embedder.request_decoding import Decoded, DecodedRequest, Describe, Refusal, accepted_content_types, decode_batch
 from image_embedder.response_encoding import BatchResults, EncodedResponse
-from image_embedder.wire import PLAIN
 from image_embedder.settings import EncoderSettings
 from image_embedder.thread_wait import spinning_threads_warning
+from image_embedder.wire import PLAIN
 from image_embedder.worker_threads import CoreShare, available_cores
 
 logger = logging.getLogger(__name__)
@@ -133,12 +132,10 @@ class EmbeddingHandler(BaseHandler):
         results: list[Result] = list(data)
         if good:
             embedded = self.encoder.embed_requests([d.images for _, d in good])
-            settings = self.encoder.settings
             for (i, request), result in zip(good, embedded):
                 if not isinstance(result, RequestError):
-                    try:  # the dtype and dimensions the request (else the archive) asks for
-                        result = shape_output(result, request.output.over(settings.output), settings.normalize,
-                                              self.encoder.calibration)
+                    try:
+                        result = self.encoder.shape(result, request.output)
                     except RequestError as exc:
                         result = as_answer(exc)
                 results[i] = Refusal(result, request.wire) if isinstance(result, RequestError) else result

@@ -55,6 +55,27 @@ def example_service(example_archive) -> InProcessModel:
 
 
 @pytest.fixture(scope="session")
+def digits_archives(tmp_path_factory) -> dict:
+    """examples/digits trained once (seeded) and built three ways, calibrated on its training images
+    and L2-normalized: `digits` (64-d), `digits-white` (whitened to 16, power 0.5) and
+    `digits-white-full` (power 1). Keys: the three archives' paths, `folder` (weights, training .npy)
+    `store` (the model store holding the archives) and `accuracy` (held-out classification)."""
+    sys.path.insert(0, os.path.join(EXAMPLE_DIR, "..", "digits"))
+    from train import train
+
+    folder = tmp_path_factory.mktemp("digits")
+    accuracy = train(str(folder))
+    store = folder / "model_store"
+    variants = {"digits": {}, "digits-white": {"whiten": 16, "whiten_power": 0.5}, "digits-white-full": {"whiten": 16}}
+    archives = {name: build_archive(ArchiveSpec(
+        os.path.join(EXAMPLE_DIR, "..", "digits", "model.py"), "DigitsNet", str(folder / "digits.pth"), "embedding",
+        input_shape=[1, 8, 8], name=name, export_path=str(store), calibration=str(folder / "digits-train.npy"),
+        settings={"normalize": True, "max_images_per_request": 2048}, **extra), quiet=True)
+        for name, extra in variants.items()}
+    return {**archives, "folder": folder, "store": store, "accuracy": accuracy}
+
+
+@pytest.fixture(scope="session")
 def torchserve(model_store, example_archive):
     """One real TorchServe for the session, serving the example as `encoder` (token auth on)."""
     if not java_available():

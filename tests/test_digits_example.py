@@ -14,13 +14,11 @@ import pytest
 from image_embedder_testkit.bodies import npy_bytes
 from image_embedder_testkit.checkout import REPO
 from image_embedder_testkit.ts_inprocess import InProcessModel, Request
-from image_embedder_tools.build import ArchiveSpec, build_archive
 
 DIGITS = os.path.join(REPO, "examples", "digits")
 sys.path.insert(0, DIGITS)
 from digits import split  # noqa: E402
 from evaluate import in_process, quality, table  # noqa: E402
-from train import train  # noqa: E402
 
 
 def served(service: InProcessModel):
@@ -37,18 +35,11 @@ def served(service: InProcessModel):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("digits")
-    accuracy = train(str(folder))
-    assert accuracy > 0.9  # the model learned the digits
-    common = dict(input_shape=[1, 8, 8], export_path=str(folder),
-                  settings={"normalize": True, "max_images_per_request": 2048})
-    archives = {name: build_archive(ArchiveSpec(
-        os.path.join(DIGITS, "model.py"), "DigitsNet", str(folder / "digits.pth"), "embedding", name=name,
-        calibration=str(folder / "digits-train.npy"), **extra, **common), quiet=True)
-        for name, extra in (("digits", {}), ("digits-white", {"whiten": 16, "whiten_power": 0.5}),
-                            ("digits-white-full", {"whiten": 16}))}
-    return folder, {name: InProcessModel(path, batch_size=1, model_name=name) for name, path in archives.items()}
+def trained(digits_archives):
+    assert digits_archives["accuracy"] > 0.9  # the model learned the digits
+    names = ("digits", "digits-white", "digits-white-full")
+    return digits_archives["folder"], {name: InProcessModel(digits_archives[name], batch_size=1, model_name=name)
+                                       for name in names}
 
 
 def test_served_vectors_retrieve_what_the_model_retrieves(trained):

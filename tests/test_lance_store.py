@@ -15,13 +15,11 @@ from PIL import Image
 
 from image_embedder_testkit.checkout import REPO
 from image_embedder_testkit.ts_server import TorchServe, java_available
-from image_embedder_tools.build import ArchiveSpec, build_archive
 
 DIGITS = os.path.join(REPO, "examples", "digits")
 sys.path.insert(0, DIGITS)
 from digits import split  # noqa: E402
 from evaluate import in_process  # noqa: E402
-from train import train  # noqa: E402
 
 pytestmark = pytest.mark.server
 QUERIES = 40
@@ -33,20 +31,15 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def digits_server(tmp_path_factory):
+def digits_server(digits_archives, tmp_path_factory):
     if not java_available():
         pytest.fail("TorchServe needs Java 17")
-    folder = tmp_path_factory.mktemp("lance")
-    train(str(folder))
-    store = folder / "model_store"
-    build_archive(ArchiveSpec(os.path.join(DIGITS, "model.py"), "DigitsNet", str(folder / "digits.pth"), "embedding",
-                              input_shape=[1, 8, 8], name="digits", export_path=str(store),
-                              calibration=str(folder / "digits-train.npy"), settings={"normalize": True}), quiet=True)
-    server = TorchServe(str(store), "digits=digits.mar")
+    folder = digits_archives["folder"]
+    server = TorchServe(str(digits_archives["store"]), "digits=digits.mar")
     server.start()
     (_, _), (held_out, _) = split()
     queries = folder / "queries"
-    queries.mkdir()
+    queries.mkdir(exist_ok=True)
     for i, image in enumerate(held_out[:QUERIES]):
         Image.fromarray(image[0]).save(queries / f"q{i:03d}.png")
     yield server, folder

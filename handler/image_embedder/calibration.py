@@ -33,6 +33,11 @@ MAX_SAMPLE = 4096  # calibration vectors kept in the archive
 EIGEN_FLOOR = 1e-9  # relative to the largest eigenvalue: directions without variance are not amplified
 
 
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Each row L2-normalized, as torch.nn.functional.normalize does (norms floored at 1e-12)."""
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
 @dataclass(frozen=True)
 class Whitening:
     """PCA-whitening to K dimensions: `(x - mean) @ projection`."""
@@ -93,7 +98,7 @@ class Calibration:
         if k not in self._stats:
             x = self.sample[:, :k].astype(np.float64)
             if normalized and k != self.sample.shape[1]:
-                x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+                x = unit_rows(x)
             low, high = x.min(axis=0), x.max(axis=0)
             step = np.where(high > low, (high - low) / 255.0, 1.0)
             self._stats[k] = (low, step, np.median(x, axis=0))

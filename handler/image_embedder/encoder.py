@@ -21,7 +21,7 @@ from .loading import ModelSource
 from .pooling import Pooling, pool_layers
 from .preprocessing import summary as preprocessing_summary
 from .calibration import CALIBRATED_DTYPES, Calibration
-from .output_options import OUTPUT_DTYPES
+from .output_options import OUTPUT_DTYPES, OutputOptions, shape_output
 from .settings import EncoderSettings
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -244,6 +244,12 @@ class ImageEncoder:
                 parts = [pieces[(r, p)] for p in range(len(arrays))]
                 results.append(parts[0] if len(parts) == 1 else np.concatenate(parts))
         return results
+
+    def shape(self, embeddings: np.ndarray, output: OutputOptions) -> np.ndarray:
+        """One request's (N, D) float32 embeddings in the dtype and dimensions it asks for, else the
+        archive's (output_options); a RequestError for a choice this archive can't answer."""
+        s = self.settings
+        return shape_output(embeddings, output.over(s.output), s.normalize, self.calibration)
 
     def describe(self) -> dict:
         """What is served (model class, layers, pooling, device, embedding size, known once one pass ran)

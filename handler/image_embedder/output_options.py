@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .calibration import CALIBRATED_DTYPES, Calibration, quantize
+from .calibration import CALIBRATED_DTYPES, Calibration, quantize, unit_rows
 from .errors import bad_request
 
 OUTPUT_DTYPES = ("float32", "float16", *CALIBRATED_DTYPES)
@@ -88,8 +88,7 @@ def shape_output(embeddings: np.ndarray, options: OutputOptions, normalized: boo
             raise bad_request(f"dimensions {k}: this archive's embeddings have {width}; ask for at most {width}", KIND)
         embeddings = embeddings[:, :k]
         if normalized:
-            norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-            embeddings = embeddings / np.maximum(norms, 1e-12)  # torch.nn.functional.normalize's eps
+            embeddings = unit_rows(embeddings)
     dtype = options.dtype or "float32"
     if dtype in CALIBRATED_DTYPES:
         if calibration is None:

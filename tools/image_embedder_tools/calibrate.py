@@ -11,7 +11,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from image_embedder.calibration import MAX_SAMPLE, Calibration, Whitening
+from image_embedder.calibration import MAX_SAMPLE, Calibration, Whitening, unit_rows
 from image_embedder.encoder import ImageEncoder
 from image_embedder.errors import ConfigError, RequestError
 from image_embedder.image_decoding import ImageDecoder
@@ -63,10 +63,6 @@ def raw_vectors(encoder: ImageEncoder, path: str) -> np.ndarray:
     return np.concatenate(results).astype(np.float32)
 
 
-def l2(vectors: np.ndarray) -> np.ndarray:
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-
-
 def calibrate(encoder: ImageEncoder, path: str, whiten: Optional[int], root: str,
               say: Callable[..., None], whiten_power: float = 1.0) -> str:
     """Write the archive's calibration file into `root`; returns its name (the `calibration_file` setting).
@@ -74,12 +70,12 @@ def calibrate(encoder: ImageEncoder, path: str, whiten: Optional[int], root: str
     follows), whitening, L2 (when normalize is on)."""
     normalize = encoder.settings.normalize
     raw = raw_vectors(encoder, path)
-    final = l2(raw) if normalize and whiten else raw
+    final = unit_rows(raw) if normalize and whiten else raw
     whitening = Whitening.fit(final, whiten, whiten_power) if whiten else None
     if whitening is not None:
         final = whitening.apply(final)
     if normalize:
-        final = l2(final)
+        final = unit_rows(final)
     keep = np.linspace(0, len(final) - 1, min(len(final), MAX_SAMPLE)).round().astype(int)
     Calibration(final[keep].astype(np.float32), len(final), whitening).save(os.path.join(root, CALIBRATION_FILE))
     say(f"calibration: {len(final)} images from {path}" + (f", whitened {raw.shape[1]} -> {whiten} dimensions"
