@@ -26,7 +26,7 @@ import torch
 from ts.handler_utils.timer import timed
 from ts.torch_handler.base_handler import BaseHandler
 
-from image_embedder.allocator import limit_arenas, reuse_freed_memory
+from image_embedder.allocator import reuse_freed_memory
 from image_embedder.encoder import ImageEncoder, resolve_device
 from image_embedder.errors import RequestError, as_answer
 from image_embedder.image_decoding import ImageDecoder
@@ -74,9 +74,9 @@ class EmbeddingHandler(BaseHandler):
         model_config = getattr(context, "model_yaml_config", None) or {}
         settings = EncoderSettings.from_mapping(model_config.get("handler"))
         # before the decode and torch threads allocate
-        for line in (limit_arenas(settings.malloc_arena_max), reuse_freed_memory(settings.reuse_freed_memory)):
-            if line:
-                logger.info(line)
+        line = reuse_freed_memory(settings.reuse_freed_memory)
+        if line:
+            logger.info(line)
         self.device = resolve_device(settings.device, properties.get("gpu_id"))
         model_dir = properties.get("model_dir") or "."
         self.cores: Optional[CoreShare] = None

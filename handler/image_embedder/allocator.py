@@ -9,11 +9,8 @@ Pinning the mmap threshold at glibc's largest (32 MiB, half a heap) and the trim
 that (glibc's own ratio) keeps those pages, so memory stays at the peak a request reaches, as it
 would under load.
 
-The worker's arenas: glibc gives each thread that contends for the heap an arena of its own, up to
-8 per core, and memory freed in one arena is reused only within it; `malloc_arena_max` caps them.
-
-The environment wins: `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` / `MALLOC_ARENA_MAX` set
-by the operator are left as they are. Elsewhere than glibc (musl) nothing is done.
+The environment wins: `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` set by the operator are
+left as they are. Elsewhere than glibc (musl) nothing is done.
 """
 from __future__ import annotations
 
@@ -25,7 +22,6 @@ from typing import Optional
 # mallopt's parameters, from glibc's malloc.h
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-M_ARENA_MAX = -8
 MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: mallopt refuses more
 TRIM_THRESHOLD = 2 * MMAP_THRESHOLD
 THRESHOLD_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
@@ -45,23 +41,6 @@ def reuse_freed_memory(enabled: bool = True) -> Optional[str]:
         return None
     return (f"malloc thresholds: mmap {MMAP_THRESHOLD >> 20} MiB, trim {TRIM_THRESHOLD >> 20} MiB "
             "(reuse_freed_memory)")
-
-
-def limit_arenas(arena_max: int) -> Optional[str]:
-    """Cap glibc's malloc arenas at `arena_max` (0 leaves glibc's default); say what holds, or None.
-
-    Returns a line for the worker's log: the environment's value when `MALLOC_ARENA_MAX` is set
-    (the operator's choice wins), the applied cap, or None where there is nothing to do (0, or a
-    libc that is not glibc, such as musl)."""
-    from_env = os.environ.get("MALLOC_ARENA_MAX")
-    if from_env is not None:
-        return f"malloc arenas: MALLOC_ARENA_MAX={from_env} from the environment"
-    if arena_max == 0:
-        return None
-    libc = _glibc()
-    if libc is None or libc.mallopt(M_ARENA_MAX, arena_max) != 1:
-        return None
-    return f"malloc arenas: at most {arena_max} (malloc_arena_max)"
 
 
 def _glibc() -> Optional[ctypes.CDLL]:

@@ -123,16 +123,8 @@ def load_state_dict(path: str, device: str = "cpu", sha256: Optional[str] = None
 
 
 def apply_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str = "weights") -> None:
-    """Strict load that names missing and unexpected keys when they disagree."""
-    expected = set(model.state_dict().keys())
-    given = set(state.keys())
-    missing, unexpected = sorted(expected - given), sorted(given - expected)
-    if missing or unexpected:
-        raise ConfigError(
-            f"{source} do not match the model: missing keys {missing[:20]}"
-            f"{' ...' if len(missing) > 20 else ''}; unexpected keys {unexpected[:20]}"
-            f"{' ...' if len(unexpected) > 20 else ''}"
-        )
+    """Strict load of weights whose keys the unwrapping already matched to the model's (checkpoints.py);
+    a shape that disagrees is a ConfigError with torch's message."""
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -61,7 +61,6 @@ class EncoderSettings:
     checkpoint_detect: bool = True
     keep_weights_dtype: bool = False  # True: run in the weights' dtype instead of casting to the model's
     ignore_keys: Sequence[str] = field(default_factory=list)  # checkpoint weights the model lacks (a training head), dropped by prefix
-    malloc_arena_max: int = 2  # glibc malloc arenas per worker (allocator.py); 0: glibc's default, 8 per core
     reuse_freed_memory: bool = True  # glibc keeps freed request buffers for the next request (allocator.py)
     output_dtype: str = "float32"  # the answer's dtype unless a request asks (output_options.py)
     dimensions: Optional[int] = None  # the answer's first k dimensions unless a request asks; None: all
@@ -154,11 +153,6 @@ def _positive_int(name: str, value: Any) -> None:
 def _positive_number(name: str, value: Any) -> None:
     if not _is_number(value) or value <= 0:
         raise ConfigError(f"{name} must be a positive number, got {value!r}")
-
-
-def _count(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
 
 
 def _number(name: str, value: Any) -> None:
@@ -258,7 +252,6 @@ CHECKS: dict[str, Check] = {
     "checkpoint_detect": _boolean,
     "keep_weights_dtype": _boolean,
     "ignore_keys": _prefixes,
-    "malloc_arena_max": _count,
     "reuse_freed_memory": _boolean,
     "output_dtype": _one_of(OUTPUT_DTYPES),
     "dimensions": _optional(_positive_int),

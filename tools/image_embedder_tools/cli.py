@@ -35,7 +35,6 @@ COMMANDS = {
     "gpu-bench": "image_embedder_bench.gpu_bench",
     "bench-layouts": "image_embedder_bench.layouts",
     "soak": "image_embedder_bench.soak",
-    "bench-arenas": "image_embedder_bench.arenas",
 }
 
 
