@@ -38,7 +38,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > 
 missing=()
 for pair in numpy:numpy PIL:pillow yaml:pyyaml pytest:pytest safetensors:safetensors requests:requests psutil:psutil; do
   module="${pair%%:*}"; package="${pair##*:}"
-  "$PY" -c "import $module" 2>/dev/null || missing+=("$(grep -E "^$package==" requirements.txt || echo "$package")")
+  "$PY" -c "import $module" 2>/dev/null || missing+=("$(grep -hE "^$package==" requirements-serve.txt requirements.txt || echo "$package")")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
   log "installing: ${missing[*]}"

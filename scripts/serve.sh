@@ -20,7 +20,7 @@ if [ "${1:-}" = "--stop" ]; then
   echo "stopped the TorchServe started by scripts/serve.sh (if it was running)"
   exit 0
 fi
-bash scripts/setup_env.sh
+bash scripts/setup_env.sh --serve
 PY=.venv/bin/python
 mkdir -p build/example
 $PY examples/custom_model/model.py build/example/model_state_dict.pth >/dev/null

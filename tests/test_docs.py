@@ -21,9 +21,7 @@ from __future__ import annotations
 import glob
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ import pytest
 
 from image_embedder_testkit import background
 from image_embedder_testkit.background import Lane
+from image_embedder_testkit.scratch import free_ports, rewrite_ports, scratch_copy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNABLE = ("bash", "python")
@@ -42,8 +41,6 @@ NO_RUN_COMMANDS = ("kubectl", "docker", "helm", "scripts/test.sh")
 # A fence whose language looks like a shell or Python but is not spelled bash/python would be skipped
 # silently: refuse it.
 MISSPELT = {"sh", "shell", "console", "zsh", "py", "python3", "pycon", "shell-session"}
-PORTS = {"8080": 0, "8081": 1, "8082": 2}  # index into the free ports
-GRPC_PORTS = {"grpc_inference_port": 3, "grpc_management_port": 4}
 RUN_TIMEOUT = 540  # seconds for the whole session (three TorchServe starts, a dozen builds); under the 600 s test timeout
 # Flag -> the test file that runs such blocks instead of this session.
 RUN_ELSEWHERE = {"https": "tests/test_tls_server.py"}
@@ -204,46 +201,6 @@ def test_parser_finds_fences_their_language_and_indented_bodies():
 
 
 # -- the run ------------------------------------------------------------------------------------------
-
-def free_ports(count: int) -> list[str]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [str(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def rewrite_ports(text: str, ports: list[str]) -> str:
-    """The docs' fixed ports -> this run's free ones, wherever an address names them."""
-    return re.sub(r"\b(127\.0\.0\.1|localhost):(8080|8081|8082)\b",
-                  lambda m: f"{m.group(1)}:{ports[PORTS[m.group(2)]]}", text)
-
-
-def tree_files() -> list[str]:
-    """The working tree as git sees it: tracked and untracked-not-ignored files that exist."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            check=True, capture_output=True).stdout.decode().split("\0")
-    return [rel for rel in listed if rel and os.path.isfile(os.path.join(REPO, rel))]  # not deleted ones
-
-
-def scratch_copy(dest: str, ports: list[str]) -> None:
-    """A copy of the working tree with .venv linked and config.properties on free ports."""
-    for rel in tree_files():
-        src = os.path.join(REPO, rel)
-        os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
-        shutil.copy2(src, os.path.join(dest, rel), follow_symlinks=False)
-    os.symlink(os.path.realpath(os.path.join(REPO, ".venv")), os.path.join(dest, ".venv"))
-    config = os.path.join(dest, "config.properties")
-    with open(config) as f:
-        text = rewrite_ports(f.read(), ports)
-    for key, index in GRPC_PORTS.items():
-        text = re.sub(rf"^{key}=\d+$", f"{key}={ports[index]}", text, flags=re.M)
-    with open(config, "w") as f:
-        f.write(text)
-
 
 SESSION_PREAMBLE = """set -euo pipefail
 # An HTTP error fails the command, unless it asks for the status itself (-w / --write-out).

@@ -174,7 +174,7 @@ def test_the_server_image_can_bake_a_models_requirements_in():
 
 def test_setup_env_installs_model_requirements_into_the_venv(tmp_path):
     """scripts/setup_env.sh with MODEL_REQUIREMENTS, against a stand-in venv that records what pip is asked."""
-    for rel in ("scripts/setup_env.sh", "requirements.txt", "pyproject.toml", "client/pyproject.toml"):
+    for rel in ("scripts/setup_env.sh", "requirements-serve.txt", "requirements.txt", "pyproject.toml", "client/pyproject.toml"):
         os.makedirs(tmp_path / os.path.dirname(rel), exist_ok=True)
         shutil.copy(os.path.join(REPO, rel), tmp_path / rel)
     (tmp_path / "model-requirements.txt").write_text("einops==0.8.2\n")
