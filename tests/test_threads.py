@@ -88,13 +88,14 @@ def test_a_worker_killed_while_busy_stops_counting(tmp_path, restore_threads, st
     assert replacement.slot == other.slot
 
 
-def test_slots_are_claimed_once_per_process_and_given_back(tmp_path, stand_ins):
+def test_slots_are_claimed_once_per_process_and_freed_with_it(tmp_path, stand_ins):
     path = str(tmp_path / "busy")
     me = CoreShare(path, cores=2)
-    _, other = stand_ins(2)
+    proc, other = stand_ins(2)
     assert CoreShare(path, cores=2).slot == me.slot  # the same process again: its own slot
     assert other.slot != me.slot
-    other.close()
+    proc.kill()  # a worker gives its slot back by ending: scaled down, stopped or killed alike
+    proc.wait()
     _, third = stand_ins(2)
     assert third.slot == other.slot
 

@@ -2,8 +2,8 @@
 
 - (N, D): passed through, whatever the pooling.
 - (N, T, D) tokens: `avg`/`max`/`gem` over T, `cls` takes token 0, `none` flattens.
-- (N, C, *spatial) feature maps (channels at `channel_axis`): `avg` is the original encoder's
-  AdaptiveAvgPool2d(1), `max` its max twin, `gem` the generalized mean, `none` flattens.
+- (N, C, *spatial) feature maps (channels at `channel_axis`): `avg` is
+  AdaptiveAvgPool2d(1) (Jina's CustomImageTorchEncoder's pooling), `max` its max twin, `gem` the generalized mean, `none` flattens.
 """
 from __future__ import annotations
 

@@ -67,8 +67,8 @@ class EncoderSettings:
     calibration_file: Optional[str] = None  # build --calibration: whitening, quantizer statistics (calibration.py)
 
     def pass_size(self, device_type: str) -> int:
-        """The most images in one forward pass: the setting, else the original's 32 on a GPU and
-        8 on a CPU, where bigger passes were measured slower (activations leave the cache)."""
+        """The most images in one forward pass: the setting, else 32 on a GPU (CustomImageTorchEncoder's
+        default_batch_size) and 8 on a CPU, where bigger passes are slower (activations leave the cache)."""
         if self.default_batch_size is not None:
             return self.default_batch_size
         return 32 if device_type == "cuda" else 8

@@ -138,6 +138,3 @@ class CoreShare:
         finally:
             self._table[self.slot, 1] = 0
 
-    def close(self) -> None:
-        """Give the slot back (a worker that dies without this is found dead instead)."""
-        self._table[self.slot] = (0, 0)
