@@ -180,6 +180,9 @@ def test_deployment_wiring(deployment):
     command = container["command"]
     assert command[command.index("--ts-config") + 1] == "/config/config.properties"
     assert props["model_store"] == command[command.index("--model-store") + 1] == "/models/model-store"
+    with open(os.path.join(REPO, "config.properties")) as f:  # one key lifetime, whichever way it is served
+        shipped = dict(line.strip().split("=", 1) for line in f if "=" in line and not line.startswith("#"))
+    assert props["token_expiration_min"] == shipped["token_expiration_min"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         exec_command = container[probe]["exec"]["command"]
         assert exec_command[1] == "/app/deploy/probe.py" and os.path.exists(os.path.join(REPO, "deploy", "probe.py"))

@@ -154,3 +154,15 @@ def test_table_reader_takes_the_table_under_its_heading():
     rows = table_after(text, "Errors")
     assert rows == [["400, 413", "`A`, `B`"], ["503", "(TorchServe) `C`"]]
     assert documented_errors(rows) == {(400, "A"), (400, "B"), (413, "A"), (413, "B")}
+
+
+# -- the command list ---------------------------------------------------------------------------------
+
+def test_usage_names_every_image_embedder_command():
+    from image_embedder_tools.cli import COMMANDS
+
+    section = _read("docs/usage.md").split("## The `image-embedder` command", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([a-z-]+)`", section))
+    assert not set(COMMANDS) - named, f"commands docs/usage.md does not name: {sorted(set(COMMANDS) - named)}"
+    for script in re.findall(r"`(\w+\.py)`", section):  # the scripts it names exist
+        assert os.path.exists(os.path.join(REPO, "scripts", script)), script
