@@ -50,7 +50,7 @@ while time.time() < deadline:
     time.sleep(0.5)
 else:
     sys.exit("TorchServe did not become healthy in 120 s: see logs/torchserve.out")
-image = np.random.default_rng(0).random((3, 224, 224), dtype=np.float32)
+image = np.random.default_rng(0).integers(0, 256, (3, 224, 224), dtype=np.uint8)  # pixels, as images are
 buf = io.BytesIO(); np.save(buf, image)
 r = requests.post(f"{url}/predictions/encoder", data=buf.getvalue(),
                   headers={**auth, "Content-Type": "application/x-npy"}, timeout=60)
