@@ -9,7 +9,6 @@ import sys
 import pytest
 
 from image_embedder.allocator import THRESHOLD_VARIABLES, reuse_freed_memory
-from image_embedder_testkit.checkout import REPO
 from image_embedder_tools.build import ArchiveSpec, build_archive
 
 # A worker as TorchServe runs it (TsModelLoader, Service.predict) in a process of its own, answering

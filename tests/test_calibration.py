@@ -4,7 +4,6 @@ the formulas of docs/api.md#output-options), whitening recomputed from the model
 hook and the stored mean and projection, KServe v2 INT8/UINT8 outputs read by tritonclient, and the
 refusals at build and per request."""
 import io
-import os
 import zipfile
 
 import numpy as np

@@ -53,13 +53,13 @@ def server_flags(server) -> list[str]:
 def searched(output: str) -> dict[str, list[tuple[str, float]]]:
     """`search`'s output: each query's name, then its rows as indented `name distance` lines."""
     found: dict[str, list[tuple[str, float]]] = {}
+    rows: list[tuple[str, float]] = []
     for line in output.splitlines():
         if line.startswith("  "):
             name, distance = line.split()
-            found[query].append((name, float(distance)))
+            rows.append((name, float(distance)))
         else:
-            query = line.strip()
-            found[query] = []
+            rows = found[line.strip()] = []
     return found
 
 

@@ -45,6 +45,13 @@ def normalized(example_files, tmp_path_factory) -> InProcessModel:
     return InProcessModel(plain), InProcessModel(small, model_name="small")
 
 
+def test_the_client_offers_the_dtypes_the_server_answers():
+    from image_embedder.output_options import OUTPUT_DTYPES
+    from image_embedder_client.client import OUTPUT_DTYPES as CLIENT_DTYPES
+
+    assert CLIENT_DTYPES == OUTPUT_DTYPES  # the client installs without the engine: a copy, held here
+
+
 # -- the transformation alone --------------------------------------------------------------------------
 def test_shape_output_truncates_renormalizes_and_casts():
     rng = np.random.default_rng(0)

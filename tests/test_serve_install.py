@@ -6,7 +6,6 @@ the install takes a minute."""
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 

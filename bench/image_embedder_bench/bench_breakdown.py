@@ -209,7 +209,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         lines = table(rows, variants)
         print_table(lines)
         load_after = os.getloadavg()
-        print(f"\nanswers vs in process (max abs diff): " + ", ".join(f"{k} {v:.1e}" for k, v in checks.items()))
+        print("\nanswers vs in process (max abs diff): " + ", ".join(f"{k} {v:.1e}" for k, v in checks.items()))
         print(f"{os.cpu_count()} cores; {rounds} rounds of {count} requests per row; load average before "
               f"{load_before[0]:.2f}, after {load_after[0]:.2f}" + (f"\nERRORS: {errors}" if errors else ""))
         write_json(args.json, {"table": lines, "checks": checks, "errors": errors, "rounds": rounds,

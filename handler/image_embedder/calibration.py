@@ -65,9 +65,6 @@ class Whitening:
         projection = vectors_[:, order] / values ** (power / 2)
         return cls(mean.astype(np.float32), projection.astype(np.float32), values.astype(np.float32), power)
 
-    def apply(self, vectors: np.ndarray) -> np.ndarray:
-        return ((vectors - self.mean) @ self.projection).astype(np.float32)
-
 
 @dataclass
 class Calibration:
@@ -95,14 +92,15 @@ class Calibration:
     def stats(self, k: int, normalized: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(low, step, median) per dimension of the calibration vectors cut to the first k (renormalized
         when `normalized`), as the answers are."""
-        if k not in self._stats:
+        key = (k, normalized)
+        if key not in self._stats:
             x = self.sample[:, :k].astype(np.float64)
             if normalized and k != self.sample.shape[1]:
                 x = unit_rows(x)
             low, high = x.min(axis=0), x.max(axis=0)
             step = np.where(high > low, (high - low) / 255.0, 1.0)
-            self._stats[k] = (low, step, np.median(x, axis=0))
-        return self._stats[k]
+            self._stats[key] = (low, step, np.median(x, axis=0))
+        return self._stats[key]
 
     def describe(self) -> dict:
         return {"images": self.images, "dimensions": int(self.sample.shape[1]),

@@ -9,7 +9,6 @@ import math
 import os
 import warnings
 from collections import OrderedDict
-from dataclasses import replace
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -87,8 +86,7 @@ class ImageEncoder:
             self.calibration = Calibration.load(os.path.join(model_dir, settings.calibration_file))
             whitening = self.calibration.whitening
             if whitening is not None:
-                self.pooling = replace(self.pooling, whitening=(
-                    torch.from_numpy(whitening.mean).to(self.device), torch.from_numpy(whitening.projection).to(self.device)))
+                self.pooling = self.pooling.whitened(whitening.mean, whitening.projection, self.device)
         elif settings.output_dtype in CALIBRATED_DTYPES:
             raise ConfigError(f"output_dtype {settings.output_dtype} quantizes with what the archive learned from your "
                               "images: build with --calibration DIR|FILE.npy (or choose float32, float16)")

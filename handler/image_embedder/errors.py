@@ -18,9 +18,12 @@ class RequestError(Exception):
         self.kind = kind
         self.message = message
 
+    def to_dict(self) -> dict:
+        """{"code", "type", "message"}: the response body, unless a wire format writes its own form."""
+        return {"code": self.status, "type": self.kind, "message": self.message}
+
     def to_json(self) -> str:
-        """The response body: {"code", "type", "message"} (a wire format may write its own form)."""
-        return json.dumps({"code": self.status, "type": self.kind, "message": self.message})
+        return json.dumps(self.to_dict())
 
 
 def as_answer(error: RequestError) -> RequestError:

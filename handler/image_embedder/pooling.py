@@ -7,9 +7,10 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 
 GEM_EPS = 1e-6
@@ -63,6 +64,10 @@ class Pooling:
     normalize: bool = False
     whitening: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, compare=False)
 
+    def whitened(self, mean: np.ndarray, projection: np.ndarray, device: Any = "cpu") -> "Pooling":
+        """This pooling followed by `(x - mean) @ projection` on `device` (calibration.Whitening's arrays)."""
+        return replace(self, whitening=(torch.from_numpy(mean).to(device), torch.from_numpy(projection).to(device)))
+
     @classmethod
     def from_settings(cls, settings: Any) -> "Pooling":
         """The pooling an archive's EncoderSettings ask for."""
@@ -73,7 +78,12 @@ class Pooling:
 def pool_layers(outputs: Sequence[torch.Tensor], pooling: Pooling = Pooling()) -> torch.Tensor:
     """Pool each tapped layer, concatenate in order, whiten and L2-normalize if asked."""
     pooled = [pool(o, pooling.method, pooling.channel_axis, pooling.gem_p).float() for o in outputs]
-    out = pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)
+    return after_pooling(pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1), pooling)
+
+
+def after_pooling(out: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """(N, D) pooled vectors whitened and L2-normalized as `pooling` says: the serving path, and the
+    build's calibration (image_embedder_tools.calibrate), which must see the same vectors."""
     if pooling.whitening is not None:
         mean, projection = pooling.whitening
         if pooling.normalize:  # L2, whiten, L2: the whitening was fitted on normalized vectors

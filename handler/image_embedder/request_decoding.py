@@ -18,7 +18,7 @@ from .errors import RequestError, as_answer
 from .image_decoding import ImageDecoder
 from .output_options import from_headers
 from .settings import EncoderSettings
-from .wire import FORMATS, PLAIN, choose
+from .wire import PLAIN, choose
 from .wire.base import Body
 from .wire.kserve_v2 import HEADER_LENGTH
 from .wire.multipart import decode_multipart  # noqa: F401  (part of this module's interface)

@@ -10,11 +10,13 @@ import os
 from typing import Callable, Iterator, Optional
 
 import numpy as np
+import torch
 
-from image_embedder.calibration import MAX_SAMPLE, Calibration, Whitening, unit_rows
+from image_embedder.calibration import MAX_SAMPLE, Calibration, Whitening
 from image_embedder.encoder import ImageEncoder
 from image_embedder.errors import ConfigError, RequestError
 from image_embedder.image_decoding import ImageDecoder
+from image_embedder.pooling import after_pooling
 
 CALIBRATION_FILE = "calibration.npz"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -66,16 +68,14 @@ def raw_vectors(encoder: ImageEncoder, path: str) -> np.ndarray:
 def calibrate(encoder: ImageEncoder, path: str, whiten: Optional[int], root: str,
               say: Callable[..., None], whiten_power: float = 1.0) -> str:
     """Write the archive's calibration file into `root`; returns its name (the `calibration_file` setting).
-    The vectors go through what the server does after pooling: L2 (when normalize is on and whitening
-    follows), whitening, L2 (when normalize is on)."""
-    normalize = encoder.settings.normalize
-    raw = raw_vectors(encoder, path)
-    final = unit_rows(raw) if normalize and whiten else raw
+    The vectors go through what the server does after pooling (pooling.after_pooling): the whitening is
+    fitted on them as its input (L2-normalized when normalize is on), the quantizers on its output."""
+    raw = torch.from_numpy(raw_vectors(encoder, path))
+    plain = dataclasses.replace(encoder.pooling, whitening=None)
+    final = after_pooling(raw, plain).numpy()  # what whitening sees, and without whitening the answer
     whitening = Whitening.fit(final, whiten, whiten_power) if whiten else None
     if whitening is not None:
-        final = whitening.apply(final)
-    if normalize:
-        final = unit_rows(final)
+        final = after_pooling(raw, plain.whitened(whitening.mean, whitening.projection)).numpy()
     keep = np.linspace(0, len(final) - 1, min(len(final), MAX_SAMPLE)).round().astype(int)
     Calibration(final[keep].astype(np.float32), len(final), whitening).save(os.path.join(root, CALIBRATION_FILE))
     say(f"calibration: {len(final)} images from {path}" + (f", whitened {raw.shape[1]} -> {whiten} dimensions"

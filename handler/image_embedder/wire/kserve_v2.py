@@ -93,7 +93,7 @@ class KServeV2(WireFormat):
         return EncodedResponse(body, BINARY_TYPE if binary else JSON_TYPE, headers)
 
     def refuse(self, error: RequestError) -> EncodedResponse:
-        doc = {**json.loads(error.to_json()), "error": error.message}
+        doc = {**error.to_dict(), "error": error.message}
         return EncodedResponse(json.dumps(doc).encode("utf-8"), JSON_TYPE)
 
 

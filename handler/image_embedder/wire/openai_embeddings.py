@@ -30,7 +30,7 @@ from ..decoded_request import DecodedRequest, DecodeImage, Describe, base64_byte
 from ..errors import RequestError, bad_request
 from ..npy_codec import NPY_MAGIC, read_npy
 from ..output_options import OutputOptions, parse_dimensions
-from .base import Body, EncodedResponse, WireFormat, json_answer
+from .base import JSON_TYPE, Body, EncodedResponse, WireFormat, json_answer
 
 ROUTES = ("v1/embeddings", "embeddings")
 MODELS_ROUTES = ("v1/models", "models")
@@ -85,7 +85,7 @@ class OpenAIEmbeddings(WireFormat):
         kind = "server_error" if error.status >= 500 else "invalid_request_error"
         doc = {"error": {"message": error.message, "type": kind, "param": param.group(1) if param else None,
                          "code": error.kind}}
-        return EncodedResponse(json.dumps(doc).encode("utf-8"), "application/json")
+        return EncodedResponse(json.dumps(doc).encode("utf-8"), JSON_TYPE)
 
     def describe(self, description: dict, model_name: str) -> EncodedResponse:
         """`GET v1/models`: this model, as OpenAI lists one."""
