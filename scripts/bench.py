@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The benchmark: in-process limit, TorchServe floor, served: `image-embedder bench`, image_embedder_bench.bench."""
+"""Every benchmark suite (layouts, payloads, fixed-cost, waits, decode, options, gpu): `image-embedder bench`."""
 import sys
 
 from image_embedder_bench.bench import main

@@ -4,11 +4,11 @@
 #   2. installs what is missing (pinned versions from requirements.txt; from ./wheels when that folder
 #      exists, for machines that reach no package index) - torch itself is never installed here;
 #   3. the cuda-marked tests (tests/test_cuda.py, run with --noconftest: TorchServe is not needed);
-#   4. a short in-process bench (scripts/gpu_bench.py: ResNet-18/50-shaped, b1/b32, fp32/fp16,
-#      uint8 .npy and JPEG) and, when Java 17 and TorchServe are there, `bench.py --quick`;
+#   4. a short in-process bench (`scripts/bench.py gpu`: ResNet-18/50-shaped, b1/b32, fp32/fp16,
+#      uint8 .npy and JPEG) and, when Java 17 and TorchServe are there, `bench.py payloads --quick`;
 #   5. one JSON of results: $OUT/gpu_check.json (OUT defaults to out/).
 # Usage: bash scripts/gpu_check.sh          (exits 2 when there is no CUDA device)
-#        ALLOW_CPU=1 PYTHON=.venv/bin/python GPU_BENCH_ARGS="--models ResNet18" bash scripts/gpu_check.sh
+#        ALLOW_CPU=1 PYTHON=.venv/bin/python GPU_BENCH_ARGS="--gpu-models ResNet18" bash scripts/gpu_check.sh
 #        (a dry run of the script itself on a CPU machine: the cuda tests skip, the bench runs on the CPU)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -56,13 +56,13 @@ tests_rc=$?
 tail -5 "$OUT/cuda_tests.txt" >&2
 
 log "in-process GPU bench"
-timeout 200 "$PY" scripts/gpu_bench.py ${GPU_BENCH_ARGS:-} --json "$OUT/gpu_bench.json" > "$OUT/gpu_bench.txt" 2>&1
+timeout 200 "$PY" scripts/bench.py gpu ${GPU_BENCH_ARGS:-} --json "$OUT/gpu_bench.json" > "$OUT/gpu_bench.txt" 2>&1
 bench_rc=$?
 
 served_rc=skipped
 if java -version 2>&1 | grep -q 'version "17' && "$PY" -c "import ts, model_archiver" 2>/dev/null; then
-  log "served bench (bench.py --quick --models resnet18)"
-  timeout 150 "$PY" scripts/bench.py --quick --models resnet18 --json "$OUT/bench_quick.json" > "$OUT/bench_quick.txt" 2>&1
+  log "served bench (bench.py payloads --quick --models resnet18)"
+  timeout 150 "$PY" scripts/bench.py payloads --quick --models resnet18 --json "$OUT/bench_quick.json" > "$OUT/bench_quick.txt" 2>&1
   served_rc=$?
 fi
 
@@ -85,7 +85,7 @@ for name, key in (("gpu_bench.json", "bench"), ("bench_quick.json", "served_benc
     path = os.path.join(out, name)
     if os.path.exists(path):
         data = json.load(open(path))
-        result[key] = data.get("rows", data) if key == "bench" else {"rows": data.get("rows"), "checks": data.get("checks")}
+        result[key] = data.get("rows", data) if key == "bench" else {"rows": data.get("rows"), "errors": data.get("errors")}
 with open(os.path.join(out, "gpu_check.json"), "w") as f:
     json.dump(result, f, indent=1)
 print(json.dumps({k: v for k, v in result.items() if k not in ("bench", "served_bench")}, indent=1))

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from image_embedder_bench.load_test import kill_worker, wait_for_replacement
+from image_embedder_testkit.load_test import kill_worker, wait_for_replacement
 from image_embedder_client import (ClientOptions, EmbeddingClient, EmbeddingError, TokenError, encode_batch,
                                   flatten_images, load_npy)
 from image_embedder_testkit.example_server import private_example_server

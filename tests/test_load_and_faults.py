@@ -18,7 +18,7 @@ import requests
 import torch
 import yaml
 
-from image_embedder_bench.load_test import make_inputs, run_scenario
+from image_embedder_testkit.load_test import make_inputs, run_scenario
 from image_embedder_testkit.bodies import npy_bytes
 from image_embedder_testkit.reference import load_reference_model, reference_embeddings
 from image_embedder_testkit.ts_inprocess import InProcessModel, Request

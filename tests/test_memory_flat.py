@@ -18,9 +18,9 @@ import sys
 import numpy as np
 import pytest
 
-from image_embedder_bench.bench_photos import jpegs
-from image_embedder_bench.soak import bodies, build_example
 from image_embedder_testkit.bodies import npy_bytes
+from image_embedder_testkit.photos import jpegs
+from image_embedder_testkit.soak import bodies, build_example
 from image_embedder_testkit.ts_inprocess import InProcessModel, Request
 from image_embedder_tools.build import ArchiveSpec, build_archive
 

@@ -132,8 +132,7 @@ def test_image_embedder_command_reaches_every_tool(tmp_path):
     out = subprocess.run([command, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     listed = out.stdout.split("\ncommands:\n")[1]
-    for name in ("build", "embed", "inspect", "kserve-layout", "bench", "load-test", "bench-breakdown",
-                 "bench-threads", "gpu-bench"):
+    for name in ("build", "embed", "search", "inspect", "kserve-layout", "bench", "load-test", "soak"):
         assert f"  {name} " in listed, listed
     assert "not installed" not in listed, listed
 

@@ -15,7 +15,7 @@ import pytest
 import requests
 import yaml
 
-from image_embedder_bench.load_test import ClientInputs, LoadRun
+from image_embedder_testkit.load_test import ClientInputs, LoadRun
 from image_embedder_testkit.bodies import npy_bytes
 from image_embedder_testkit.checkout import TEST_MODELS
 from image_embedder_testkit.reference import load_reference_model, reference_embeddings
@@ -196,7 +196,7 @@ CLIENT_TIMEOUT_S = 15
 
 
 def test_scaling_workers_while_requests_run(batching_server):
-    """Scale 1 -> 2 -> 1 under the load tester's traffic (image_embedder_bench.load_test: clients that
+    """Scale 1 -> 2 -> 1 under the load tester's traffic (image_embedder_testkit.load_test: clients that
     check every answer). Scaling up and steady serving lose nothing. Scaling down: TorchServe 0.12
     stops a worker at once and fails the batch it holds (pytorch/serve#1101, open), so the only
     failures allowed are that batch's 500 "Worker died" (or, by a rarer race in the same shutdown, one

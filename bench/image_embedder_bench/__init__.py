@@ -1,6 +1,5 @@
-"""Benchmarks and the load test, run from this checkout against the engine and a real TorchServe.
-
-bench (cases / measure / report), bench_breakdown, bench_threads, gpu_bench, load_test; each is an
-`image-embedder` command and a script in scripts/. Models and photos are made on the spot
-(bench_models, bench_photos); bench_client holds the HTTP clients.
+"""The benchmark: `image-embedder bench SUITE` (bench.py). Served suites are data (suites.py) run one
+way (served.py, framework.py) against in-process limits (limits.py); in-process suites are waits,
+decode, options and gpu. bench_models holds the ResNet-shaped models, litserve_peer the same job on
+LitServe. The load test and the soak live in the test kit.
 """

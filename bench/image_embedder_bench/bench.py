@@ -1,29 +1,23 @@
-"""Benchmark: each model in process (limit, raw), TorchServe alone (floor) and our archive (served), in one run.
+"""Benchmarks: `image-embedder bench SUITE`, every suite measured one way, figures printed and as JSON.
 
-    .venv/bin/python scripts/bench.py            # both models, 3 interleaved rounds (several minutes)
-    .venv/bin/python scripts/bench.py --quick    # smoke run: example model, 1 round, few requests
-    .venv/bin/python scripts/bench.py --options  # also channels_last / bfloat16 / compile: speed and accuracy
+    image-embedder bench layouts --plot out/layouts.png   # worker layouts side by side (~16 min on 2 cores)
+    image-embedder bench layouts --quick                  # smoke run: example model, 1 round (what CI runs)
+    image-embedder bench layouts --peer                   # also LitServe (pip install litserve==0.2.19)
+    image-embedder bench payloads                         # .npy, JSON, float32, JPEG sizes, beside the no-op
+    image-embedder bench fixed-cost --servings noop,noop-batched,shipped,passive
+    image-embedder bench waits                            # in process: how torch's threads wait between ops
+    image-embedder bench decode | options | gpu           # in process: JPEG paths, speed options, a GPU
 
-Rows, per model (the example CustomModel at conv1; a ResNet-18-shaped model at layer4, bench_models.py):
-- limit: the engine (ImageEncoder) in this process on the payload the server gets (uint8 -> prepare ->
-  forward with early exit), best pass size of 8/16/32, the worker's torch threads; for JPEG payloads,
-  decode (thread pool, as the worker) + prepare + forward. Every served row is a ratio to its limit.
-- raw: one forward pass over a prepared float32 batch (the first round's reference; kept).
-- floor: a no-op archive answering the same payload: what TorchServe alone costs.
-- served: our archive, from three kinds of client: `light` (one keep-alive http.client connection),
-  `requests` (a requests.Session, what a user writes), and several threads = several requests in flight.
-- decode: the JPEG decode stage alone, 1 thread and all cores.
-
-Rows are measured in rounds, interleaved (every row once per round), and the median round is shown
-with the spread (min-max), so load from other processes hits every row alike. The load average is
-printed: on a shared machine, read the figures with it.
-
-What runs is cases.py (archives, payloads, cases, targets: data with ids), how it is timed is
-measure.py, what is printed is report.py; this module is the run.
+Served suites (suites.py: layouts, payloads, fixed-cost) build their archives, serve them on private
+TorchServes and divide every row by the engine in process on the same payload (limits.py). Every suite
+runs in interleaved rounds, prints the load average before and after (a run that starts above 1.5
+says its figures are not for the docs) and exits 1 on any error or wrong answer.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import os
 import shutil
 import signal
@@ -32,82 +26,70 @@ import tempfile
 import time
 from typing import Optional
 
-import torch
+from .framework import QUIET_LOAD
 
-from image_embedder_bench.cases import PAYLOADS, make_payloads, select_cases
-from image_embedder_bench.json_out import write_json
-from image_embedder_bench.measure import (Measurement, build_store, decode_rows, draft_accuracy, encoder_for,
-                                          floor_rows, handler_breakdown, in_process_rows, make_models, option_report,
-                                          run_rounds, served_rows, wait_for_archives)
-from image_embedder_bench.report import report
-from image_embedder_testkit.ts_server import TorchServe
+IN_PROCESS = {"waits": "waits", "decode": "decode", "options": "options", "gpu": "gpu"}
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    from . import served, suites
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: example model, 1 round, few requests")
-    parser.add_argument("--models", default=None, help="comma-separated: example,resnet18 (default both; quick: example)")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; quick: 1)")
-    parser.add_argument("--scale", type=int, default=None, help="multiplies requests per round (default 1)")
-    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
-                        help="torch threads per worker and in process (default: cores - 1, leaving one core to "
-                             "TorchServe's frontend and the client)")
-    parser.add_argument("--max-batch-delay", type=int, default=20, help="maxBatchDelay (ms) of the batchSize-16 archives")
-    parser.add_argument("--payloads", default=None,
-                        help="only the served cases sending these payloads, comma-separated: " + ", ".join(PAYLOADS))
-    parser.add_argument("--options", action="store_true", help="also time channels_last / bfloat16 / compile and their accuracy")
-    parser.add_argument("--json", help="write all results to this file")
+    sub = parser.add_subparsers(dest="suite", required=True, metavar="SUITE")
+    for name in [*suites.SERVED, *IN_PROCESS]:
+        module = None if name in suites.SERVED else importlib.import_module(f".{IN_PROCESS[name]}", __package__)
+        p = sub.add_parser(name, help=suites.SERVED[name].about if module is None else module.ABOUT)
+        p.add_argument("--quick", action="store_true", help="smoke run: the example model, 1 round, quick cases")
+        p.add_argument("--models", help="comma-separated: example,resnet18 (default both; quick: example)")
+        p.add_argument("--rounds", type=int, help="interleaved rounds (default 3; quick: 1)")
+        p.add_argument("--scale", type=int, default=1, help="multiplies every served row's requests")
+        p.add_argument("--json", help="write every figure here")
+        if name in suites.SERVED:
+            served.add_arguments(p, suites.SERVED[name])
+        else:
+            module.add_arguments(p)
     args = parser.parse_args(argv)
     args.models = (args.models or ("example" if args.quick else "example,resnet18")).split(",")
     args.rounds = args.rounds or (1 if args.quick else 3)
-    args.scale = args.scale or 1
     return args
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from . import served, suites
+
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout must still stop TorchServe
-    torch.set_num_threads(args.threads)
-    work = tempfile.mkdtemp(prefix="bench-")
-    server: Optional[TorchServe] = None
-    t_start = time.perf_counter()
-    load_before = os.getloadavg()
+    load_before = os.getloadavg()[0]
+    print(f"load average {load_before:.2f}" + ("" if load_before < QUIET_LOAD else
+          f": above {QUIET_LOAD}, the machine is not quiet; figures from this run are not for the docs"), flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout must still stop the servers
+    work = tempfile.mkdtemp(prefix=f"bench-{args.suite}-")
+    start = time.perf_counter()
     try:
-        specs = make_models(work, args.models)
-        payloads = make_payloads({}, args.quick)
-        cases = select_cases(payloads, args.quick, args.payloads)
-        archives = sorted({c.archive for c in cases})
-        models = build_store(work, specs, archives, args)
-        print(f"{len(models)} archives built in {time.perf_counter() - t_start:.1f}s", flush=True)
-        server = TorchServe(os.path.join(work, "store"), ",".join(models), overrides={"default_workers_per_model": 1})
-        server.start(timeout=300)
-        wait_for_archives(server, specs, models)
-        print(f"TorchServe ready after {time.perf_counter() - t_start:.1f}s", flush=True)
-        for payload in payloads.values():
-            payload.headers.update(server.headers())
-        boost = 1 if args.quick else 2
-        measurements: list[Measurement] = decode_rows(payloads)
-        checks: dict[str, Optional[float]] = {}
-        breakdowns = {}
-        measurements += floor_rows(cases, payloads, server, args)
-        for spec in specs:
-            mine = [c for c in cases if spec.name in c.models]
-            measurements += in_process_rows(spec, payloads, args, boost * (4 if spec.name == "example" else 1))
-            measurements += served_rows(spec, mine, payloads, server, args, checks)
-            breakdowns[spec.name] = handler_breakdown(encoder_for(spec, args.threads), 2 if args.quick else 3)
-        run_rounds(measurements, args.rounds)
-        extras = {"options": [o for s in specs for o in option_report(s, args.threads, 8)] if args.options else [],
-                  "draft_cosine": {s.name: draft_accuracy(s, payloads, args.threads) for s in specs}}
-        results = report(measurements, breakdowns, checks, extras, args)
-        results.update(wall_s=time.perf_counter() - t_start, load_before=load_before, load_after=os.getloadavg())
-        print(f"\nbench finished in {results['wall_s']:.0f}s; load average before {load_before[0]:.2f}, "
-              f"after {results['load_after'][0]:.2f} (1 min)")
-        write_json(args.json, results)
-        return 1 if results["errors"] else 0
+        if args.suite in suites.SERVED:
+            results = served.run(suites.SERVED[args.suite], args, work)
+            if args.suite == "fixed-cost":
+                results["ours"] = suites.ours(results)
+        else:
+            results = importlib.import_module(f".{IN_PROCESS[args.suite]}", __package__).run(args, work)
     finally:
-        if server is not None:
-            server.cleanup()
         shutil.rmtree(work, ignore_errors=True)
+    load_after = os.getloadavg()[0]
+    quiet = load_before < QUIET_LOAD
+    results.update(suite=args.suite, load_before=load_before, load_after=load_after, quiet=quiet,
+                   wall_s=time.perf_counter() - start)
+    print(f"\n{args.suite} finished in {results['wall_s']:.0f}s; load average before {load_before:.2f}, after "
+          f"{load_after:.2f}: {'quiet' if quiet else f'NOT QUIET (above {QUIET_LOAD}): not for the docs'}")
+    for error in results["errors"]:
+        print(f"ERROR: {error}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    if getattr(args, "plot", None):
+        from .plot import plot_layouts
+
+        plot_layouts(results, args.plot)
+        print(f"chart: {args.plot}")
+    return 1 if results["errors"] else 0
 
 
 if __name__ == "__main__":

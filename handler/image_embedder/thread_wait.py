@@ -5,7 +5,7 @@ default, 300 000 spins, keeps them spinning ~10 ms after a pass ends: with sever
 cores that is CPU another worker's pass needs. Not spinning at all (`OMP_WAIT_POLICY=PASSIVE`) wakes
 every thread from sleep at every op instead: a single-image ResNet-18 pass took a third longer.
 10 000 spins (~0.5 ms) bridges the gaps between ops and sleeps soon after the pass
-(docs/performance.md#the-fixed-cost-of-a-request; `image-embedder bench-threads --wait`).
+(docs/performance.md#the-fixed-cost-of-a-request; `image-embedder bench waits`).
 
 libgomp reads it once, when torch loads: it belongs in TorchServe's environment, which every worker
 inherits, and every launcher in this project sets it.

@@ -1,7 +1,9 @@
-"""TorchServe's management API as the tests and the load test use it: list and scale a model's workers."""
+"""TorchServe's management API as the tests, the load test and the bench use it: a model's workers
+(their rows, their memory), scaling."""
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import requests
 
@@ -14,6 +16,21 @@ def workers(server: TorchServe, model: str) -> list[dict]:
                      verify=server.verify)
     r.raise_for_status()
     return r.json()[0].get("workers", [])
+
+
+def rss_mb(pid: int) -> Optional[float]:
+    """A process's resident memory in MB; None when it is gone (or a restarting worker's pid -1)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).memory_info().rss / 2**20
+    except (psutil.Error, ValueError):
+        return None
+
+
+def worker_rss_mb(server: TorchServe, model: str) -> list[float]:
+    """Resident memory (MB) of each live worker process of `model`."""
+    return [mb for mb in (rss_mb(int(w.get("pid") or -1)) for w in workers(server, model)) if mb is not None]
 
 
 def scale(server: TorchServe, model: str, count: int, timeout: float = 180.0, synchronous: bool = True) -> float:

@@ -5,8 +5,7 @@
     image-embedder search  out/store query.png -k 10 --key-file key_file.json
     image-embedder inspect --model-file m.py --model-class Net --input-shape 3,224,224
     image-embedder kserve-layout model_store/encoder.mar out/kserve
-    image-embedder bench --quick
-    image-embedder bench-layouts --plot out/layouts.png
+    image-embedder bench layouts --plot out/layouts.png
     image-embedder load-test --duration 30
     image-embedder soak --minutes 60 --plot out/soak.png
 
@@ -29,12 +28,8 @@ COMMANDS = {
     "inspect": "image_embedder_tools.inspect_model",
     "kserve-layout": "image_embedder_tools.kserve_layout",
     "bench": "image_embedder_bench.bench",
-    "load-test": "image_embedder_bench.load_test",
-    "bench-breakdown": "image_embedder_bench.bench_breakdown",
-    "bench-threads": "image_embedder_bench.bench_threads",
-    "gpu-bench": "image_embedder_bench.gpu_bench",
-    "bench-layouts": "image_embedder_bench.layouts",
-    "soak": "image_embedder_bench.soak",
+    "load-test": "image_embedder_testkit.load_test",
+    "soak": "image_embedder_testkit.soak",
 }
 
 

@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
-import psutil
 import requests
 
-from image_embedder_bench.json_out import write_json
+from .management import rss_mb
+
 
 KINDS = ("npy4", "jpeg", "garbage")
 SETTINGS = {"resize": 256, "center_crop": 224, "scale": 1 / 255}  # the example as a user serves photos
@@ -74,7 +74,7 @@ def bodies(seed: int = 0) -> dict[str, tuple[bytes, str, int]]:
     """Each kind's body, Content-Type and expected status."""
     from image_embedder_testkit.bodies import npy_bytes
 
-    from .bench_photos import jpegs
+    from .photos import jpegs
 
     rng = np.random.default_rng(seed)
     return {"npy4": (npy_bytes(rng.integers(0, 256, (4, 3, 224, 224), dtype=np.uint8)), "application/x-npy", 200),
@@ -102,13 +102,6 @@ def worker_pids(management_url: str, model: str, headers: dict) -> list[int]:
     r.raise_for_status()
     # a worker that is (re)starting is listed with pid -1: nothing to sample yet
     return [pid for pid in (int(w.get("pid") or -1) for w in r.json()[0].get("workers", [])) if pid > 0]
-
-
-def rss_mb(pid: int) -> Optional[float]:
-    try:
-        return psutil.Process(pid).memory_info().rss / 2**20
-    except (psutil.Error, ValueError):  # gone since it was listed
-        return None
 
 
 def slope_mb_per_min(samples: list[tuple[float, float]]) -> float:
@@ -187,26 +180,12 @@ def plot(rows: list, path: str, title: str) -> None:
 
 
 def build_example(store: str, settings: Optional[dict] = None) -> str:
-    """The example model served with server-side resize/crop/scale (and `settings`), batching 8 / 10 ms,
+    """The example served with server-side resize/crop/scale (and `settings`), batching 8 / 10 ms,
     one worker per core."""
-    import subprocess
+    from image_embedder_testkit.example_build import build_example as build
 
-    import yaml
-
-    from image_embedder_testkit.checkout import EXAMPLE_MODEL
-    from image_embedder_tools.build import ArchiveSpec, build_archive
-
-    folder = tempfile.mkdtemp(prefix="soak-model-")
-    model_file = shutil.copy(EXAMPLE_MODEL, folder)
-    weights = os.path.join(folder, "model_state_dict.pth")
-    subprocess.run([sys.executable, model_file, weights], check=True, capture_output=True)
-    config = os.path.join(folder, "model-config.yaml")
-    with open(config, "w") as f:
-        yaml.safe_dump({"batchSize": 8, "maxBatchDelay": 10, "responseTimeout": 120}, f)
-    return build_archive(ArchiveSpec(model_file, "CustomModel", weights, "conv1", input_shape=[3, 224, 224],
-                                     name="encoder", export_path=store, config_file=config,
-                                     settings={**SETTINGS, **(settings or {})}),
-                         quiet=True)
+    return build(store, "encoder", {**SETTINGS, **(settings or {})},
+                 {"batchSize": 8, "maxBatchDelay": 10, "responseTimeout": 120})
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -265,7 +244,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     for pid, w in result["workers"].items():
         print(f"  worker {pid}: RSS after warm-up {w['rss_after_warmup_mb']} MB, at the end {w['rss_end_mb']:.0f} MB, "
               f"slope {w['slope_mb_per_min']:+.2f} MB/min")
-    write_json(args.json, {k: v for k, v in result.items() if k != "rows"})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({k: v for k, v in result.items() if k != "rows"}, f, indent=1)
     if args.plot:
         plot(result["rows"], args.plot, f"{args.mix}, {args.clients} clients")
         print(f"chart: {args.plot}")

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,9 +27,8 @@ from typing import Optional
 import numpy as np
 import requests
 
-from image_embedder_bench.json_out import write_json
 from image_embedder_testkit.bodies import npy_bytes
-from image_embedder_testkit.checkout import EXAMPLE_MODEL
+from image_embedder_testkit.example_build import build_example, example_files
 from image_embedder_testkit.management import scale, workers
 from image_embedder_testkit.reference import load_reference_model, reference_embeddings
 from image_embedder_testkit.ts_server import TorchServe
@@ -278,16 +276,6 @@ def run_scenario(server: TorchServe, model: str, inputs: list[ClientInputs], dur
     return report
 
 
-def build_example(store: str) -> str:
-    from image_embedder_tools.build import ArchiveSpec, build_archive
-
-    weights = os.path.join(store, "model_state_dict.pth")
-    model_file = EXAMPLE_MODEL
-    subprocess.run([sys.executable, model_file, weights], check=True, capture_output=True)
-    build_archive(ArchiveSpec(model_file, "CustomModel", weights, "conv1", name="encoder", export_path=store), quiet=True)
-    return weights
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=16)
@@ -300,8 +288,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--json", help="also write the report here")
     args = parser.parse_args(argv)
     store = tempfile.mkdtemp(prefix="load-store-")
-    weights = build_example(store)
-    model = load_reference_model(EXAMPLE_MODEL, "CustomModel", weights)
+    model_file, weights = example_files(os.path.join(store, ".example"))
+    build_example(store, files=(model_file, weights))
+    model = load_reference_model(model_file, "CustomModel", weights)
     inputs = make_inputs(model, args.clients, args.images_per_client)
     server = TorchServe(store, "encoder=encoder.mar")
     try:
@@ -316,7 +305,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     for r in failures[:20]:
         print(f"  failed: client {r.client} seq {r.seq} status {r.status} {r.outcome}: {r.detail[:120]}")
     print(json.dumps(report, indent=2))
-    write_json(args.json, report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
     bad = report["outcomes"].get("wrong", 0) + report["outcomes"].get("crossed", 0) + report["outcomes"].get("timeout", 0)
     return 1 if bad else 0
 
