@@ -22,6 +22,6 @@ def test_gpu_page_matches_the_model_config_the_configmap_and_the_deployment():
     [workers] = set(re.findall(r"default_workers_per_model=(\d+)", page))
     assert f"default_workers_per_model={workers}" in _read("deploy/k8s/configmap.yaml")
     assert 'nvidia.com/gpu: "1"' in page and 'nvidia.com/gpu: "1"' in _read("deploy/k8s/deployment-gpu.yaml")
-    assert "[docs/gpu.md](docs/gpu.md)" in _read("README.md")
+    assert "](docs/gpu.md)" in _read("README.md")  # the README links the page
     for path in re.findall(r"`((?:deploy|scripts|examples)/[\w./-]+)`", page):
         assert os.path.exists(os.path.join(REPO, path)), path
