@@ -245,3 +245,20 @@ def test_a_build_leaves_another_builds_staging_folder_alone(user_files, tmp_path
     assert main(full_cli(user_files, tmp_path / "store")) == 0
     assert (other_build / "in_progress.py").is_file()
     assert tempfile.gettempdir() == str(shared)
+
+
+def test_a_partial_user_config_keeps_the_build_defaults_it_leaves_out(user_files, tmp_path):
+    """A model-config.yaml that sets only the workers keeps the build's batching (not TorchServe's
+    batchSize 1): the user's keys win, the rest are the defaults an archive without one gets."""
+    from image_embedder_tools.ts_defaults import DEFAULT_TS_CONFIG
+
+    partial = tmp_path / "workers-only.yaml"
+    partial.write_text(yaml.safe_dump({"minWorkers": 1, "maxWorkers": 1, "responseTimeout": 30}))
+    assert main(["--model-file", str(user_files / "nested_net.py"), "--model-class", "NestedNet",
+                 "--state-dict", str(user_files / "nested.pth"), "--layer", "features.0",
+                 "--config-file", str(partial), "--export-path", str(tmp_path)]) == 0
+    _, _, config, _ = read_archive(tmp_path / "encoder.mar")
+    assert {k: config[k] for k in ("minWorkers", "maxWorkers", "responseTimeout")} == \
+        {"minWorkers": 1, "maxWorkers": 1, "responseTimeout": 30}
+    assert (config["batchSize"], config["maxBatchDelay"]) == \
+        (DEFAULT_TS_CONFIG["batchSize"], DEFAULT_TS_CONFIG["maxBatchDelay"])

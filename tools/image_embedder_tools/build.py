@@ -102,14 +102,15 @@ def handler_settings(spec: ArchiveSpec) -> dict[str, Any]:
 
 
 def merged_model_config(user_config: Optional[str], handler: dict[str, Any]) -> dict[str, Any]:
-    """The user's model-config.yaml (TorchServe keys kept) with our `handler:` section merged in."""
+    """Our TorchServe defaults under the user's model-config.yaml (the keys it sets win), with our
+    `handler:` section merged into its own."""
     config: dict[str, Any] = dict(DEFAULT_TS_CONFIG)
     if user_config:
         with open(user_config) as f:
             loaded = yaml.safe_load(f) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config-file {user_config!r} must hold a YAML mapping")
-        config = loaded
+        config.update(loaded)
     config["handler"] = {**(config.get("handler") or {}), **handler}
     return config
 
