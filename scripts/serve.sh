@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # From nothing to a served embedding: make the environment, build the example into
-# model_store/encoder.mar, start TorchServe with config.properties, wait for /ping, embed one image.
+# model_store/encoder.mar, start TorchServe with config.properties, wait for a READY worker, embed one image.
 #   scripts/serve.sh          start (restarting the server this script started before, if any)
 #   scripts/serve.sh --stop   stop the server this script started, and no other
 # TorchServe's `--stop` stops whatever server the pid file in $TMPDIR names. This script gives its
@@ -32,24 +32,28 @@ rm -f key_file.json
 # TorchServe keeps its stdout: send it to a file, never to a pipe.
 .venv/bin/torchserve --start --ncs --ts-config config.properties --model-store model_store \
   --models encoder=encoder.mar >logs/torchserve.out 2>&1
-INFERENCE=$(sed -n 's/^inference_address=//p' config.properties) $PY - <<'PY'
+INFERENCE=$(sed -n 's/^inference_address=//p' config.properties) \
+MANAGEMENT=$(sed -n 's/^management_address=//p' config.properties) $PY - <<'PY'
 import io, json, os, sys, time
 import numpy as np, requests
 
 url = os.environ["INFERENCE"]
 
+# Ready is a READY worker (the management API): /ping says Healthy while the model still loads.
 deadline = time.time() + 120
 while time.time() < deadline:
     try:
-        key = json.load(open("key_file.json"))["inference"]["key"]
-        auth = {"Authorization": f"Bearer {key}"}
-        if requests.get(f"{url}/ping", headers=auth, timeout=2).json().get("status") == "Healthy":
+        keys = json.load(open("key_file.json"))
+        auth = {"Authorization": f"Bearer {keys['inference']['key']}"}
+        manage = {"Authorization": f"Bearer {keys['management']['key']}"}
+        described = requests.get(f"{os.environ['MANAGEMENT']}/models/encoder", headers=manage, timeout=2).json()
+        if any(w.get("status") == "READY" for w in described[0].get("workers", [])):
             break
-    except (OSError, ValueError, KeyError, requests.RequestException):
+    except (OSError, ValueError, KeyError, IndexError, AttributeError, requests.RequestException):
         pass
     time.sleep(0.5)
 else:
-    sys.exit("TorchServe did not become healthy in 120 s: see logs/torchserve.out")
+    sys.exit("TorchServe had no READY worker in 120 s: see logs/model_log.log and logs/torchserve.out")
 image = np.random.default_rng(0).integers(0, 256, (3, 224, 224), dtype=np.uint8)  # pixels, as images are
 buf = io.BytesIO(); np.save(buf, image)
 r = requests.post(f"{url}/predictions/encoder", data=buf.getvalue(),
