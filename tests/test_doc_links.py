@@ -1,7 +1,7 @@
 """Each fact is written once and the other pages link to it, so every link between the README and
 docs/ must land: the file exists and, for `#anchor`, one of its headings makes that anchor (GitHub's
-rule: lower case, punctuation dropped, spaces to hyphens). And the README stays a front door
-(<= 10 KB). No server needed."""
+rule: lower case, punctuation dropped, spaces to hyphens). And the pages stay within their bounds:
+README <= 10 KB, docs/*.md <= 90 KB in all. No server needed."""
 from __future__ import annotations
 
 import glob
@@ -48,6 +48,9 @@ def test_anchor_rule_follows_github():
     assert {"preprocessing-what-the-model-sees", "the-image-embedder-command"} <= anchors(path)
 
 
-def test_readme_stays_a_front_door():
+def test_pages_stay_within_their_bounds():
+    """README a front door (<= 10 KB), docs/ each fact once (<= 90 KB in all): issue 35's bounds."""
     readme = os.path.getsize(PAGES[0])
+    docs = sum(os.path.getsize(p) for p in PAGES[1:])
     assert readme <= 10_000, f"README.md is {readme} bytes; at most 10 000: depth belongs in docs/"
+    assert docs <= 90_000, f"docs/*.md are {docs} bytes in all; at most 90 000: link, don't repeat"
