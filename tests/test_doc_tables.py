@@ -166,3 +166,19 @@ def test_usage_names_every_image_embedder_command():
     assert not set(COMMANDS) - named, f"commands docs/usage.md does not name: {sorted(set(COMMANDS) - named)}"
     for script in re.findall(r"`(\w+\.py)`", section):  # the scripts it names exist
         assert os.path.exists(os.path.join(REPO, "scripts", script)), script
+
+
+# -- facts that live in config files ------------------------------------------------------------------
+
+def test_docs_state_the_build_batching_defaults_it_writes():
+    """The build's batching (tools/image_embedder_tools/ts_defaults.py) as usage.md's --config-file row
+    and performance.md's decision state it, so a change of default fails here until the docs follow."""
+    from image_embedder_tools.ts_defaults import DEFAULT_TS_CONFIG
+
+    usage = _read("docs/usage.md")
+    row = next(line for line in usage.splitlines() if line.startswith("| `--config-file FILE`"))
+    for key, value in DEFAULT_TS_CONFIG.items():
+        assert f"`{key}: {value}`" in row, (key, row)
+    decision = _read("docs/performance.md").split("**Decision**", 1)[1].split("\n\n", 1)[0]
+    assert f"`batchSize` {DEFAULT_TS_CONFIG['batchSize']} / `maxBatchDelay` {DEFAULT_TS_CONFIG['maxBatchDelay']} ms" \
+        in " ".join(decision.split()), decision
