@@ -40,6 +40,7 @@ def bench(name: str, *args: str) -> background.Job:
 PAYLOADS_QUICK = bench("payloads quick", "payloads", "--quick", "--json", "{out}/bench.json")
 LAYOUTS_QUICK = bench("layouts quick", "layouts", "--quick", "--json", "{out}/layouts.json", "--plot", "{out}/layouts.png")
 FIXED_COST_QUICK = bench("fixed cost quick", "fixed-cost", "--quick", "--json", "{out}/fixed.json")
+TRANSPORT_QUICK = bench("transport quick", "transport", "--quick", "--json", "{out}/transport.json")
 IN_PROCESS_QUICK = {name: bench(f"{name} quick", name, "--quick", "--rounds", "1", "--json", "{out}/out.json")
                     for name in ("waits", "decode", "options")}
 SOAK = background.job("soak", in_lane("-m", "image_embedder_testkit.soak", "--minutes", "0.25", "--warmup-min", "0",
@@ -96,6 +97,17 @@ def test_layouts_quick_runs_every_layout_against_both_limits():
     served_cases(LAYOUTS, results)
     assert {l["limit"] for l in results["limits"]} == {"single stream", "team"}
     assert (tmp_path / "layouts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.background(TRANSPORT_QUICK.name)
+def test_transport_quick_answers_over_rest_and_grpc():
+    """`bench transport --quick`: every case over REST and over TorchServe's gRPC inference API (our
+    hand-written Predictions messages), our archive's answers equal to the engine's in process either way."""
+    from image_embedder_bench.suites import TRANSPORT
+
+    _, results, _ = finished(TRANSPORT_QUICK, "transport.json")
+    served_cases(TRANSPORT, results)
+    assert {r["case"].rsplit("-", 1)[1] for r in results["rows"] if r["kind"] == "served"} == {"rest", "grpc"}
 
 
 @pytest.mark.background(FIXED_COST_QUICK.name)

@@ -1,13 +1,16 @@
-"""The bench's clients: `requests.Session`s (what a user writes), each sending one body again and
-again; several sessions at once are several requests in flight."""
+"""The bench's clients: threads that each send one body again and again over their own connection
+(a `requests.Session`, what a user writes, or a gRPC channel: grpc_client.py); several threads are
+several requests in flight."""
 from __future__ import annotations
 
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import requests
+
+Sender = Callable[[], tuple[Optional[str], bytes]]  # one request: (error or None, answer)
 
 
 @dataclass
@@ -18,12 +21,13 @@ class RunResult:
     wall_s: float
     latencies_s: list[float]
     errors: list[str] = field(default_factory=list)
-    sample: Optional[bytes] = None  # one response body, for a correctness check
+    sample: Optional[bytes] = None  # one answer's body, for a correctness check
 
 
-def run_clients(url: str, body: bytes, headers: dict, clients: int, per_client: int,
-                timeout: float = 600.0) -> RunResult:
-    """`clients` threads, each a requests.Session sending `per_client` POSTs of `body` to `url` in turn."""
+def run_threads(open_sender: Callable[[], tuple[Sender, Callable[[], None]]], clients: int,
+                per_client: int) -> RunResult:
+    """`clients` threads, each opening its own sender (and its close) and sending `per_client` requests
+    in turn, all starting together; the wall time runs from the start to the last answer."""
     latencies: list[float] = []
     errors: list[str] = []
     samples: list[bytes] = []
@@ -31,23 +35,24 @@ def run_clients(url: str, body: bytes, headers: dict, clients: int, per_client: 
     ready = threading.Barrier(clients + 1)
 
     def client() -> None:
-        session, mine = requests.Session(), []
+        send, close = open_sender()
+        mine = []
         try:
             ready.wait()
             for _ in range(per_client):
                 start = time.perf_counter()
-                r = session.post(url, data=body, headers=headers, timeout=timeout)
+                error, answer = send()
                 mine.append(time.perf_counter() - start)
                 with lock:
-                    if r.status_code != 200:
-                        errors.append(f"{r.status_code}: {r.content[:200]!r}")
+                    if error:
+                        errors.append(error)
                     elif not samples:
-                        samples.append(r.content)
+                        samples.append(answer)
         except Exception as exc:  # a broken connection is an error of the run, not a crash of the bench
             with lock:
                 errors.append(f"{type(exc).__name__}: {exc}")
         finally:
-            session.close()
+            close()
             with lock:
                 latencies.extend(mine)
 
@@ -59,3 +64,18 @@ def run_clients(url: str, body: bytes, headers: dict, clients: int, per_client: 
     for t in threads:
         t.join()
     return RunResult(len(latencies), time.perf_counter() - start, latencies, errors, samples[0] if samples else None)
+
+
+def run_clients(url: str, body: bytes, headers: dict, clients: int, per_client: int,
+                timeout: float = 600.0) -> RunResult:
+    """`clients` threads, each a requests.Session sending `per_client` POSTs of `body` to `url` in turn."""
+    def open_sender() -> tuple[Sender, Callable[[], None]]:
+        session = requests.Session()
+
+        def send() -> tuple[Optional[str], bytes]:
+            r = session.post(url, data=body, headers=headers, timeout=timeout)
+            return (None if r.status_code == 200 else f"{r.status_code}: {r.content[:200]!r}"), r.content
+
+        return send, session.close
+
+    return run_threads(open_sender, clients, per_client)

@@ -135,8 +135,9 @@ def archive_name(model: str, serving: Serving) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class Case:
-    """What clients send: a payload, how many `requests` sessions at once, requests each per round;
-    the limit it is divided by: `single` (one stream, every thread) or `team` (the best layout)."""
+    """What clients send: a payload, how many clients at once, requests each per round, over `rest`
+    (requests sessions) or `grpc` (TorchServe's gRPC inference API); the limit it is divided by:
+    `single` (one stream, every thread) or `team` (the best layout)."""
 
     id: str
     title: str
@@ -145,6 +146,7 @@ class Case:
     per_client: int = 2
     limit: str = "single"
     limit_payload: str = ""  # the work the limit times, when not the payload itself
+    transport: str = "rest"
     models: tuple = ("example", "resnet18")
     quick: bool = True
 

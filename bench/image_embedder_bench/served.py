@@ -20,6 +20,7 @@ from image_embedder_tools.build import ArchiveSpec, build_archive
 
 from . import limits
 from .bench_client import run_clients
+from .grpc_client import run_grpc_clients
 from .framework import (SHAPE, Case, Engine, Row, Serving, archive_name, check_answer, cores, payload,
                         run_rounds)
 
@@ -151,24 +152,31 @@ def served_rows(model: str, engine: Engine, case: Case, servings: tuple[Serving,
     body, headers = p.body()
     expected = {}
     rows, problems = [], []
-    targets = []
+    targets = []  # (serving or None for the peer, go(clients, per_client) -> RunResult)
     for serving in servings:
         if serving.noop:
             if (case.id, serving.id) in measured_noops:
                 continue
             measured_noops.add((case.id, serving.id))
-        server = servers[archive_name(model, serving)]
-        targets.append((serving, f"{server.inference_url}/predictions/{archive_name(model, serving)}",
-                        {**headers, **server.headers()}, body))
-    if peer:
+        name = archive_name(model, serving)
+        server = servers[name]
+        if case.transport == "grpc":  # the body as the input `data`; no headers: sniffed, answered as JSON
+            target = f"127.0.0.1:{server.ports['grpc_inference_port']}"
+            key = server.headers()["Authorization"].split()[-1]
+            targets.append((serving, lambda c, n, t=target, a=name, k=key: run_grpc_clients(t, a, body, k, c, n)))
+        else:
+            url, hdrs = f"{server.inference_url}/predictions/{name}", {**headers, **server.headers()}
+            targets.append((serving, lambda c, n, u=url, h=hdrs: run_clients(u, body, h, c, n)))
+    if peer and case.transport == "rest":
         from .litserve_peer import request_body
 
         peer_body = request_body(p.images) if p.send in ("npy", "json") else request_body(jpegs=p.images)
-        targets.append((None, f"{peer}/predict", {"Content-Type": "application/json"}, peer_body))
-    for serving, url, hdrs, data in targets:
+        targets.append((None, lambda c, n: run_clients(f"{peer}/predict", peer_body,
+                                                       {"Content-Type": "application/json"}, c, n)))
+    for serving, go in targets:
         kind = "peer" if serving is None else "noop" if serving.noop else "served"
         label = "litserve" if serving is None else serving.id
-        warm = run_clients(url, data, hdrs, 1, 1)
+        warm = go(1, 1)
         problems += warm.errors
         if kind == "served" or (kind == "peer" and p.send != "multipart"):  # the peer resizes JPEGs its own way
             settings = dict(serving.settings) if serving else {}
@@ -177,7 +185,7 @@ def served_rows(model: str, engine: Engine, case: Case, servings: tuple[Serving,
                 expected[key] = engine.work(cores(), p.images, **settings)[1]()
             problem = check_answer(warm.sample, expected[key], f"{model} {label} {case.id}")
             problems += [problem] if problem else []
-        run = (lambda u=url, d=data, h=hdrs: run_clients(u, d, h, case.clients, case.per_client * scale))
+        run = (lambda go=go: go(case.clients, case.per_client * scale))
         rows.append(Row("any" if kind == "noop" else model, case.id, label, kind, len(p.images), run))
     return rows, problems
 

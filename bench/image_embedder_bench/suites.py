@@ -6,7 +6,8 @@
   no-op archives, i.e. TorchServe alone;
 - fixed-cost: a tiny and a b32 request from one sequential client: TorchServe's transport, the batch
   delay, the model in process, and ours (what remains), with each worker default turned off in turn
-  (docs/performance.md#the-fixed-cost-of-a-request).
+  (docs/performance.md#the-fixed-cost-of-a-request);
+- transport: the same requests over REST and over TorchServe's gRPC inference API.
 """
 from __future__ import annotations
 
@@ -61,7 +62,18 @@ FIXED_COST = Suite("a tiny and a b32 request: TorchServe, the batch delay, the m
          models=("example",)),
 ), idle_limit=True)
 
-SERVED = {"layouts": LAYOUTS, "payloads": PAYLOADS, "fixed-cost": FIXED_COST}
+TRANSPORT = Suite("REST against TorchServe's gRPC inference API, same archives and payloads", servings=(
+    SHIPPED, *NOOPS,
+), cases=tuple(
+    Case(id=f"{case}-{transport}", title=f"{title}, {transport}", transport=transport, **more)
+    for case, title, more in (
+        ("tiny", "tiny (1x3x8x8 uint8 .npy), 1 client", {"payload": "tiny", "per_client": 12}),
+        ("b32", "b32 uint8 .npy, 1 client", {"payload": "u8_32", "per_client": 6}),
+        ("1img-x16", "1 image uint8 .npy, 16 clients", {"payload": "u8_1", "clients": 16, "per_client": 4,
+                                                        "limit": "team", "limit_payload": "u8_16"}),
+    ) for transport in ("rest", "grpc")))
+
+SERVED = {"layouts": LAYOUTS, "payloads": PAYLOADS, "fixed-cost": FIXED_COST, "transport": TRANSPORT}
 
 
 def ours(results: dict) -> list[dict]:
