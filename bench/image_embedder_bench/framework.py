@@ -25,11 +25,10 @@ from image_embedder.image_decoding import ImageDecoder
 from image_embedder.npy_codec import read_npy
 from image_embedder.settings import EncoderSettings
 from image_embedder_testkit.bodies import npy_bytes
-from image_embedder_testkit.example_build import example_files
+from image_embedder_testkit.example_build import example_files, resnet_files
 from image_embedder_testkit.imagenet import IMAGENET
 from image_embedder_testkit.photos import jpegs
 
-from . import bench_models
 from .bench_client import RunResult
 
 QUIET_LOAD = 1.5  # a run that starts above this load average says its figures are not for the docs
@@ -86,9 +85,7 @@ def _embedded(results: list) -> np.ndarray:
 
 
 def make_engines(work: str, names: list[str]) -> dict[str, Engine]:
-    """The example at conv1 (its own seeded weights) and the ResNet-18-shaped model at layer4 (random)."""
-    import shutil
-
+    """The example at conv1 and examples/resnet's ResNet-18 at layer4, each with its seeded weights."""
     engines = {}
     for name in names:
         folder = os.path.join(work, name)
@@ -96,9 +93,7 @@ def make_engines(work: str, names: list[str]) -> dict[str, Engine]:
             model_file, weights = example_files(folder)
             engines[name] = Engine(name, model_file, "CustomModel", weights, "conv1")
         elif name == "resnet18":
-            os.makedirs(folder)
-            model_file = shutil.copy(bench_models.__file__, folder)
-            weights = bench_models.make_weights(os.path.join(folder, "resnet18.pth"))
+            model_file, weights = resnet_files(folder)
             engines[name] = Engine(name, model_file, "ResNet18", weights, "layer4")
         else:
             raise SystemExit(f"bench: unknown model {name!r}; choose from example, resnet18")

@@ -13,7 +13,8 @@ import torch
 
 from image_embedder_testkit.compare import cosine_min
 
-from . import bench_models
+from image_embedder_testkit.example_build import resnet_files
+
 from .framework import Engine, payload
 from .limits import timed
 
@@ -22,7 +23,7 @@ ABOUT = "in process on a GPU: ResNet-18/50, float32 and float16, .npy and JPEG"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--gpu-models", default="ResNet18,ResNet50", help="bench_models classes")
+    parser.add_argument("--gpu-models", default="ResNet18,ResNet50", help="examples/resnet classes")
 
 
 def best_rate(fn, images: int, calls: int = 5) -> float:
@@ -32,14 +33,13 @@ def best_rate(fn, images: int, calls: int = 5) -> float:
 
 
 def run(args: argparse.Namespace, work: str) -> dict:
-    os.symlink(bench_models.__file__, os.path.join(work, "bench_models.py"))
     u8 = {b: payload("u8_32").images[:b] for b in (1, 32)}
     files = payload("jpeg1080_16").images * 2
     low = "bfloat16" if args.device == "cpu" else "float16"
     rows = []
     for model in args.gpu_models.split(","):
-        weights = bench_models.make_weights(os.path.join(work, f"{model}.pth"), model_class=getattr(bench_models, model))
-        engine = Engine(model, os.path.join(work, "bench_models.py"), model, weights, "layer4")
+        model_file, weights = resnet_files(work, model)
+        engine = Engine(model, model_file, model, weights, "layer4")
         base = None
         for dtype in ("float32", low):
             extra = {"dtype": dtype, "device": args.device, "default_batch_size": 32}

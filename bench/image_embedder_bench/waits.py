@@ -29,9 +29,11 @@ def child() -> None:
     """In a process of its own: lone ResNet-18 passes (ms, median) and the CPU ms burnt after one; JSON out."""
     import torch
 
-    from image_embedder_bench import bench_models
+    from runpy import run_path
 
-    model = bench_models.ResNet18().eval()
+    from image_embedder_testkit.checkout import RESNET_MODEL
+
+    model = run_path(RESNET_MODEL)["ResNet18"]().eval()
     out = {}
     with torch.inference_mode():
         for batch, calls in ((1, 30), (8, 8)):

@@ -10,5 +10,6 @@ import os
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLE_DIR = os.path.join(REPO, "examples", "custom_model")
 EXAMPLE_MODEL = os.path.join(EXAMPLE_DIR, "model.py")
+RESNET_MODEL = os.path.join(REPO, "examples", "resnet", "model.py")  # ResNet18 / ResNet50, torchvision's layout
 SHIPPED_CONFIG = os.path.join(REPO, "config.properties")
 TEST_MODELS = os.path.join(REPO, "tests", "models")

@@ -10,7 +10,7 @@ from typing import Optional
 
 import yaml
 
-from .checkout import EXAMPLE_MODEL
+from .checkout import EXAMPLE_MODEL, RESNET_MODEL
 
 
 def example_files(folder: str) -> tuple[str, str]:
@@ -19,6 +19,15 @@ def example_files(folder: str) -> tuple[str, str]:
     model_file = shutil.copy(EXAMPLE_MODEL, folder)
     weights = os.path.join(folder, "model_state_dict.pth")
     subprocess.run([sys.executable, model_file, weights], check=True, capture_output=True)
+    return model_file, weights
+
+
+def resnet_files(folder: str, model_class: str = "ResNet18") -> tuple[str, str]:
+    """A copy of examples/resnet/model.py in `folder` and seeded random weights of `model_class` beside it."""
+    os.makedirs(folder, exist_ok=True)
+    model_file = shutil.copy(RESNET_MODEL, folder)
+    weights = os.path.join(folder, f"{model_class}.pth")
+    subprocess.run([sys.executable, model_file, weights, model_class], check=True, capture_output=True)
     return model_file, weights
 
 

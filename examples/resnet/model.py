@@ -1,7 +1,10 @@
-"""ResNet-18- and ResNet-50-shaped models for the benchmark, in plain torch.nn (no torchvision).
+"""torchvision's ResNet-18 and ResNet-50 layouts in plain torch.nn: the README's torchvision-style
+model and the bench's (torchvision does not import with this project's torch).
 
-Random weights, 3x224x224 input; the benchmark taps `layer4` (512 or 2048 channels, 7x7) with avg pooling.
-This file only imports torch, so it is shipped as the model definition file of the bench archive.
+Same module names as torchvision's (`layer4` is the usual tap: 512 or 2048 channels, 7x7 for a
+3x224x224 image). Only torch is imported, so the file is an archive's model definition as it is.
+
+    python examples/resnet/model.py out/resnet18.pth [ResNet50]   # random weights, seeded
 """
 from __future__ import annotations
 
@@ -111,3 +114,11 @@ def make_weights(path: str, seed: int = 0, model_class: type = ResNet18) -> str:
                 module.running_var.uniform_(0.5, 1.5)
     torch.save(model.state_dict(), path)
     return path
+
+
+if __name__ == "__main__":
+    import sys
+
+    path = sys.argv[1] if len(sys.argv) > 1 else "resnet18.pth"
+    make_weights(path, model_class={"ResNet18": ResNet18, "ResNet50": ResNet50}[sys.argv[2] if len(sys.argv) > 2 else "ResNet18"])
+    print(f"wrote {path}")
