@@ -189,6 +189,14 @@ def test_relative_links_point_at_files_and_headings_that_exist():
     assert not problems, "\n".join(problems)
 
 
+def test_pages_stay_within_their_bounds():
+    """README a front door (<= 10 KB), docs/ each fact once, linked from elsewhere (<= 90 KB in all)."""
+    sizes = {rel: os.path.getsize(os.path.join(REPO, rel)) for rel in doc_files()}
+    readme = sizes.pop("README.md")
+    assert readme <= 10_000, f"README.md is {readme} bytes; at most 10 000: depth belongs in docs/"
+    assert sum(sizes.values()) <= 90_000, f"docs/*.md are {sum(sizes.values())} bytes in all; at most 90 000: link, don't repeat"
+
+
 def test_parser_finds_fences_their_language_and_indented_bodies():
     text = "intro\n```bash\necho 1\n```\n- item\n\n  ```python\n  print(2)\n  ```\n```text\n$ out\n```\n```bash no-run\nkubectl get pods\n```\n"
     blocks = parse_blocks("x.md", text)
