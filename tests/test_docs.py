@@ -1,5 +1,8 @@
-"""The docs run: every ```bash and ```python block of README.md, then of docs/*.md (alphabetical),
-executed in order in ONE bash session against a real TorchServe started the way the README says.
+"""The docs run: every ```bash and ```python block of README.md, then of docs/*.md in the readers'
+order (the README's Documentation table), executed in order in ONE bash session against a real
+TorchServe started the way the README says; each page starts from the README's server (restarted
+when the page before changed it), so a page depends on the README alone, and pages can be ordered
+for readers.
 
 The convention the docs follow (what this file checks):
 - ```bash and ```python blocks run; ```python blocks as `.venv/bin/python - <<'PY'`, same cwd.
@@ -98,9 +101,13 @@ def parse_blocks(path: str, text: str) -> list[Block]:
 
 
 def doc_files(root: str = REPO) -> list[str]:
-    """README.md first, then docs/*.md in alphabetical order, relative to `root`."""
+    """README.md first, then docs/*.md in the order the README's Documentation table lists them (the
+    readers' order), any page it doesn't list last; relative to `root`."""
     docs = sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(root, "docs", "*.md")))
-    return ["README.md"] + docs
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        table = f.read().split("\n## Documentation", 1)[-1].split("\n## ", 1)[0]
+    listed = [d for d in dict.fromkeys(re.findall(r"\]\((docs/[\w-]+\.md)\)", table)) if d in docs]
+    return ["README.md"] + listed + [d for d in docs if d not in listed]
 
 
 def all_blocks(root: str = REPO) -> list[Block]:
@@ -210,6 +217,23 @@ def test_parser_finds_fences_their_language_and_indented_bodies():
 
 # -- the run ------------------------------------------------------------------------------------------
 
+# Between pages, each page gets the README's server back: if the page before restarted TorchServe
+# or rotated its keys (key_file.json differs from the README's), the README's start is made again.
+# So a page depends on the README alone, not on the pages before it, and pages can run (and be read)
+# in any order.
+README_SERVER = """
+if [ -z "${DOCS_README_KEYS:-}" ]; then
+  DOCS_README_KEYS=$(mktemp); cp key_file.json "$DOCS_README_KEYS"
+elif ! cmp -s key_file.json "$DOCS_README_KEYS"; then
+  .venv/bin/torchserve --stop --foreground > /dev/null 2>&1 || true
+  rm -f key_file.json
+  GOMP_SPINCOUNT=10000 .venv/bin/torchserve --start --ncs --ts-config config.properties --model-store model_store \\
+    --models encoder=encoder.mar > out/torchserve.out 2>&1
+  source scripts/ready.sh encoder
+  cp key_file.json "$DOCS_README_KEYS"
+fi
+"""
+
 SESSION_PREAMBLE = """set -euo pipefail
 # An HTTP error fails the command, unless it asks for the status itself (-w / --write-out).
 curl() {
@@ -223,9 +247,12 @@ curl() {
 
 
 def session_script(blocks: list[Block], folder: str, ports: list[str]) -> str:
-    """The one bash session: each block written to its own file and sourced after a marker line."""
+    """The one bash session: each block written to its own file and sourced after a marker line; before
+    each page after the README, the README's server (README_SERVER)."""
     lines = [SESSION_PREAMBLE]
     for index, block in enumerate(blocks):
+        if index and block.path != blocks[index - 1].path and blocks[0].path == "README.md":
+            lines.append(f"source {os.path.join(folder, 'readme_server.sh')}")  # a page starts from the README's server
         text = rewrite_ports(block.text, ports)
         if block.language == "python":
             text = f".venv/bin/python - <<'__DOCS_PY__'\n{text}__DOCS_PY__\n"
@@ -235,6 +262,8 @@ def session_script(blocks: list[Block], folder: str, ports: list[str]) -> str:
         # the marker on its own line, even after curl's output; the seconds so far show slow blocks
         lines += [f"printf '\\n@@@ block {index}\\n'", f"echo \"[{block.path} block {block.number}, $SECONDS s]\"",
                   f"source {path}"]
+    with open(os.path.join(folder, "readme_server.sh"), "w") as f:
+        f.write(README_SERVER)
     lines.append("printf '\\n@@@ end\\n'")
     return "\n".join(lines) + "\n"
 
