@@ -21,8 +21,8 @@ from image_embedder_tools.build import ArchiveSpec, build_archive
 from . import limits
 from .bench_client import run_clients
 from .grpc_client import run_grpc_clients
-from .framework import (SHAPE, Case, Engine, Row, Serving, archive_name, check_answer, cores, payload,
-                        run_rounds)
+from .framework import (SHAPE, Case, Engine, Row, Serving, archive_name, check_answer, cores, make_engines,
+                        payload, run_rounds)
 
 NOOP_HANDLER = '''"""Answers every request at once without reading it: what TorchServe alone costs."""
 
@@ -242,8 +242,6 @@ def run(suite: Suite, args: argparse.Namespace, work: str) -> dict:
     started: list = []
     peers: list = []
     try:
-        from .framework import make_engines
-
         engines = make_engines(work, [m for m in args.models if any(m in c.models for c in cases)])
         servers = start_servers(work, engines, servings, started)
         by_model, problems, noops = {}, [], set()
