@@ -32,28 +32,14 @@ rm -f key_file.json
 # TorchServe keeps its stdout: send it to a file, never to a pipe.
 .venv/bin/torchserve --start --ncs --ts-config config.properties --model-store model_store \
   --models encoder=encoder.mar >logs/torchserve.out 2>&1
-INFERENCE=$(sed -n 's/^inference_address=//p' config.properties) \
-MANAGEMENT=$(sed -n 's/^management_address=//p' config.properties) $PY - <<'PY'
-import io, json, os, sys, time
+# the keys into $TOKEN/$MTOKEN, then a READY worker (/ping says Healthy while the model still loads)
+source scripts/ready.sh encoder
+INFERENCE=$(sed -n 's/^inference_address=//p' config.properties) $PY - <<'PY'
+import io, os
 import numpy as np, requests
 
 url = os.environ["INFERENCE"]
-
-# Ready is a READY worker (the management API): /ping says Healthy while the model still loads.
-deadline = time.time() + 120
-while time.time() < deadline:
-    try:
-        keys = json.load(open("key_file.json"))
-        auth = {"Authorization": f"Bearer {keys['inference']['key']}"}
-        manage = {"Authorization": f"Bearer {keys['management']['key']}"}
-        described = requests.get(f"{os.environ['MANAGEMENT']}/models/encoder", headers=manage, timeout=2).json()
-        if any(w.get("status") == "READY" for w in described[0].get("workers", [])):
-            break
-    except (OSError, ValueError, KeyError, IndexError, AttributeError, requests.RequestException):
-        pass
-    time.sleep(0.5)
-else:
-    sys.exit("TorchServe had no READY worker in 120 s: see logs/model_log.log and logs/torchserve.out")
+auth = {"Authorization": f"Bearer {os.environ['TOKEN']}"}
 image = np.random.default_rng(0).integers(0, 256, (3, 224, 224), dtype=np.uint8)  # pixels, as images are
 buf = io.BytesIO(); np.save(buf, image)
 r = requests.post(f"{url}/predictions/encoder", data=buf.getvalue(),

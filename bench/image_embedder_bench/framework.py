@@ -188,7 +188,7 @@ PAYLOADS: dict[str, Callable[[], Payload]] = {
     "jpeg640_16": lambda: Payload(jpegs(16, 640, 480, 1), send="multipart"),
     "jpeg1280_16": lambda: Payload(jpegs(16, 1280, 960, 3), send="multipart"),
     "jpeg1080_16": lambda: Payload(jpegs(16, 1920, 1080, 2), send="multipart"),
-    "jpeg1080_1": lambda: Payload(jpegs(16, 1920, 1080, 2)[:1], send="jpeg"),
+    "jpeg1080_1": lambda: Payload(payload("jpeg1080_16").images[:1], send="jpeg"),
 }
 
 
