@@ -41,8 +41,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         vectors = client.embed(queries, dtype=run.get("dtype"), dimensions=run.get("dimensions"))
     distance = lance_store.distance_for(run.get("dtype"))
     figure, axes = plt.subplots(len(args.queries), args.k + 1, figsize=(args.k + 1, len(args.queries) * 1.1))
-    for row, (path, vector) in enumerate(zip(args.queries, vectors)):
-        found = lance_store.search(args.store, vector, args.k, distance)
+    for row, (path, found) in enumerate(zip(args.queries, lance_store.search(args.store, vectors, args.k, distance))):
         shown = [(Image.open(path), os.path.basename(path).split("-")[1].split(".")[0], None)]
         shown += [(Image.open(os.path.join(args.images, name)), name.split("-")[1].split(".")[0], d) for name, d in found]
         for col, (image, label, d) in enumerate(shown):

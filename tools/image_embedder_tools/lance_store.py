@@ -47,10 +47,14 @@ def write(out: str, names: Sequence[str], vectors: np.ndarray, dtype: Optional[s
     return os.path.join(out, f"{TABLE}.lance")
 
 
-def search(folder: str, query: np.ndarray, k: int, distance: str) -> list[tuple[str, float]]:
-    """The k rows nearest `query` as (name, distance), nearest first."""
+def search(folder: str, queries: Sequence[np.ndarray], k: int, distance: str) -> list[list[tuple[str, float]]]:
+    """For each query vector, the k rows nearest it as (name, distance), nearest first; the table is
+    opened once for all of them."""
     import lancedb
 
     table = lancedb.connect(folder).open_table(TABLE)
-    rows = table.search(query, vector_column_name="vector").distance_type(distance).limit(k).to_list()
-    return [(row["name"], float(row["_distance"])) for row in rows]
+    found = []
+    for query in queries:
+        rows = table.search(query, vector_column_name="vector").distance_type(distance).limit(k).to_list()
+        found.append([(row["name"], float(row["_distance"])) for row in rows])
+    return found

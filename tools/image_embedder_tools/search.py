@@ -52,9 +52,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             vectors = [row for start in range(0, len(items), options.batch_size)
                        for row in embed_batch(client, items[start: start + options.batch_size], run.get("dtype"),
                                               run.get("dimensions"))]
-        for item, vector in zip(items, vectors):
+        for item, nearest in zip(items, lance_store.search(args.store, vectors, args.k, distance)):
             print(item.name)
-            for name, value in lance_store.search(args.store, vector, args.k, distance):
+            for name, value in nearest:
                 print(f"  {name} {value:.6g}")
     except (ClientError, TokenError, EmbeddingError, lance_store.StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
