@@ -299,8 +299,14 @@ def key_file(server) -> str:
     return os.path.join(server.workdir, "key_file.json")
 
 
+def url_of(server, transport: str) -> str:
+    """The server's inference address over REST, or over TorchServe's gRPC inference API."""
+    return server.inference_url if transport == "rest" else f"grpc://127.0.0.1:{server.ports['grpc_inference_port']}"
+
+
 @pytest.mark.server
-def test_every_input_kind_matches_the_reference(client_server, example_model, tmp_path):
+@pytest.mark.parametrize("transport", ["rest", "grpc"])
+def test_every_input_kind_matches_the_reference(client_server, example_model, tmp_path, transport):
     rng = np.random.default_rng(90)
     floats = rng.normal(size=(5, 3, 224, 224)).astype(np.float32)
     pixels = rng.integers(0, 256, (3, 224, 224, 3)).astype(np.uint8)  # HWC images, saved as PNG/JPEG
@@ -308,7 +314,8 @@ def test_every_input_kind_matches_the_reference(client_server, example_model, tm
     np.save(tmp_path / "b.npy", pixels[1].transpose(2, 0, 1))
     png = io.BytesIO()
     Image.fromarray(pixels[2]).save(png, "PNG")
-    client = EmbeddingClient(client_server.inference_url, "encoder", key_file=key_file(client_server), batch_size=2)
+    url = url_of(client_server, transport)
+    client = EmbeddingClient(url, "encoder", key_file=key_file(client_server), batch_size=2)
     got = client.embed(floats)  # 3 requests of .npy float32
     assert got.dtype == np.float32 and got.shape == (5, 10)
     np.testing.assert_allclose(got, reference_embeddings(example_model, "conv1", floats), atol=1e-5)
@@ -318,14 +325,34 @@ def test_every_input_kind_matches_the_reference(client_server, example_model, tm
     np.testing.assert_allclose(mixed[3], got[0], atol=1e-5)
     described = client.describe()
     assert described["layer_name"] == "conv1" and described["embedding_dim"] == 10
+    small = client.embed(floats[:3], dtype="float16", dimensions=4)
+    assert small.dtype == np.float16 and small.shape == (3, 4)
+    np.testing.assert_allclose(small, got[:3, :4], atol=1e-2)
     with pytest.raises(TokenError, match="token refused.*wrong or has expired"):
-        EmbeddingClient(client_server.inference_url, "encoder", token="wrong").embed(floats[0])
-    with pytest.raises(EmbeddingError, match="HTTP 400"):  # a bad image is the caller's error, not retried
+        EmbeddingClient(url, "encoder", token="wrong").embed(floats[0])
+    with pytest.raises(EmbeddingError, match="400 from .*InvalidImage.*cannot be decoded") as refused:  # the caller's error: not retried
         client.embed([b"\x89PNG\r\n\x1a\ntruncated"])
+    assert refused.value.status == 400 and client.retried == 0
 
 
 @pytest.mark.server
-def test_stream_through_a_killed_worker_and_a_scale_down(client_server, example_model):
+def test_a_refused_key_is_read_again_over_grpc(client_server, tmp_path):
+    """Over gRPC as over REST: a key the server refuses makes the client read key_file again."""
+    with open(key_file(client_server)) as f:
+        keys = json.load(f)
+    stale = tmp_path / "key_file.json"
+    stale.write_text(json.dumps({**keys, "inference": {**keys["inference"], "key": "stale"}}))
+    client = EmbeddingClient(url_of(client_server, "grpc"), "encoder", key_file=str(stale))
+    image = np.zeros((3, 32, 32), np.uint8)
+    with pytest.raises(TokenError, match=f"gRPC PERMISSION_DENIED .*{stale}"):
+        client.embed(image)
+    stale.write_text(json.dumps(keys))  # the server's current key, as a restarted server writes it
+    assert client.embed(image).shape == (1, 10)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("transport", ["rest", "grpc"])
+def test_stream_through_a_killed_worker_and_a_scale_down(client_server, example_model, transport):
     """Four threads embed batches without pause while a worker is SIGKILLed and 2 workers are scaled
     down to 1, and for a while after: every batch answered, every row equal to the reference."""
     threads, distinct = 4, 6
@@ -336,7 +363,7 @@ def test_stream_through_a_killed_worker_and_a_scale_down(client_server, example_
     # a timeout well above any answer here (a batch of 2 takes tens of ms): a request TorchServe leaves
     # unanswered while stopping a worker (tests/test_load_and_faults.py) is sent again instead of hanging.
     # One that merely ran slow is sent again too (retries=8), so a short timeout costs no correctness.
-    client = EmbeddingClient(client_server.inference_url, "encoder", key_file=key_file(client_server),
+    client = EmbeddingClient(url_of(client_server, transport), "encoder", key_file=key_file(client_server),
                              timeout=10, retries=8, backoff=0.2)
     answers: list = []  # (thread, input index, embeddings, monotonic time answered)
     errors: list = []

@@ -13,8 +13,8 @@ The convention the docs follow (what this file checks):
 - Output examples go in ```text blocks; every fence names its language; no `...` in a runnable block;
   the interpreter is spelled `.venv/bin/python` (and `.venv/bin/torchserve`).
 - The session runs in a scratch copy of the working tree (tracked and untracked-not-ignored files,
-  `.venv` symlinked) with a private TMPDIR, `set -euo pipefail`, and ports 8080/8081/8082 (and the
-  gRPC 7070/7071 of config.properties) rewritten to free ones, so it never meets another server.
+  `.venv` symlinked) with a private TMPDIR, `set -euo pipefail`, and ports 8080/8081/8082 and gRPC's
+  7070/7071 rewritten to free ones (config.properties and the blocks), so it never meets another server.
 - `curl` fails on an HTTP error (it runs with `--fail-with-body`), unless the command asks for the
   status itself with `-w`/`--write-out`: an example that shows an error prints its status code.
 Whatever happens, every TorchServe the docs started in the scratch copy is stopped at the end.

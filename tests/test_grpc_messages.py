@@ -1,4 +1,4 @@
-"""The bench's gRPC messages (image_embedder_bench.grpc_client) in protobuf's wire format: compared with
+"""The gRPC messages (image_embedder_client.grpc_messages) in protobuf's wire format: compared with
 bytes written out here from the encoding spec for TorchServe's inference.proto (key = field number
 << 3 | wire type, varint lengths; no protobuf installed to ask). That a real TorchServe reads them and
 answers right is tests/test_bench_smoke.py's transport run."""
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from image_embedder_bench.grpc_client import _varint, prediction, predictions_request
+from image_embedder_client.grpc_messages import _varint, prediction, predictions_request
 
 
 @pytest.mark.parametrize("value, encoded", [(0, b"\x00"), (1, b"\x01"), (127, b"\x7f"), (128, b"\x80\x01"),

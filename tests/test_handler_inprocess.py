@@ -15,7 +15,7 @@ import torch
 from image_embedder_testkit.bodies import npy_bytes
 from image_embedder_testkit.checkout import TEST_MODELS
 from image_embedder_testkit.reference import load_reference_model, reference_embeddings
-from image_embedder_testkit.ts_inprocess import InProcessModel, Request
+from image_embedder_testkit.ts_inprocess import GrpcRequest, InProcessModel, Request
 from image_embedder_tools.build import ArchiveSpec, build_archive
 
 SIZE = 16  # every test image is (3, 16, 16) unless it says otherwise
@@ -297,3 +297,27 @@ def test_token_outputs_really_are_3d_and_2d(served):
         h.remove()
         h2.remove()
     assert seen == {"tokens": (2, 1 + (SIZE // 4) ** 2, 8), "head": (2, 5)}
+
+
+# -- TorchServe's gRPC inference API ---------------------------------------------------------------
+def test_a_grpc_input_map_is_a_body_and_its_headers(example_service, example_model):
+    """Over gRPC a request is its input map (no HTTP headers): `data` is the body, the other entries
+    are read as the headers of their names, beside a REST request in the same batch."""
+    batch = images(7, 2, size=224)
+    ref = reference_embeddings(example_model, "conv1", batch)
+    plain, npy16, describe, refused, rest = example_service.predict([
+        GrpcRequest({"data": npy_bytes(batch)}),
+        GrpcRequest({"data": npy_bytes(batch), "accept": b"application/x-npy", "embedding-dtype": b"float16",
+                     "Embedding-Dimensions": b"4"}),
+        GrpcRequest({"describe": b"true"}),
+        GrpcRequest({"data": npy_bytes(batch), "embedding-dtype": b"float99"}),
+        Request(npy_bytes(batch), headers={"Accept": "application/x-npy"}),
+    ])
+    np.testing.assert_allclose(embeddings_of(plain), ref, atol=1e-5)
+    assert npy16.content_type == "application/x-npy"
+    got = np.load(io.BytesIO(npy16.body), allow_pickle=False)
+    assert got.dtype == np.float16 and got.shape == (2, 4)
+    np.testing.assert_allclose(got, ref[:, :4], atol=1e-2)
+    assert describe.status == 200 and describe.json()["layer_name"] == "conv1"
+    assert refused.status == 400 and "float99" in refused.json()["message"], refused.body
+    np.testing.assert_allclose(np.load(io.BytesIO(rest.body)), ref, atol=1e-5)

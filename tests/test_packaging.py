@@ -76,7 +76,8 @@ CLIENT_ALONE = background.job("pip resolves the client alone", resolve_client_al
 
 @pytest.mark.background(CLIENT_ALONE.name)
 def test_client_installs_alone_without_the_engine():
-    """pip resolves client/ by itself: numpy, requests, urllib3 and theirs; nothing of the engine."""
+    """pip resolves client/ by itself: numpy, requests, urllib3 and theirs; nothing of the engine, and
+    grpcio only for the `grpc` extra."""
     run, report = CLIENT_ALONE.result()
     if run.returncode != 0:
         pytest.fail("pip could not resolve client/'s dependencies (it needs a package index, as any install "
@@ -85,7 +86,9 @@ def test_client_installs_alone_without_the_engine():
         installs = {item["metadata"]["name"].lower(): item["metadata"] for item in json.load(f)["install"]}
     assert {"image-embedder-client", "numpy", "requests", "urllib3"} <= set(installs), sorted(installs)
     assert not ENGINE_ONLY & set(installs), sorted(installs)
-    assert sorted(installs["image-embedder-client"]["requires_dist"]) == ["numpy", "requests", "urllib3>=2"]
+    assert "grpcio" not in installs, sorted(installs)
+    assert sorted(installs["image-embedder-client"]["requires_dist"]) == [
+        'grpcio>=1.60; extra == "grpc"', "numpy", "requests", "urllib3>=2"]
 
 
 def test_client_wheel_holds_the_client_package_only(tmp_path):
@@ -95,13 +98,14 @@ def test_client_wheel_holds_the_client_package_only(tmp_path):
     [wheel] = os.listdir(tmp_path / "dist")
     with zipfile.ZipFile(tmp_path / "dist" / wheel) as archive:
         modules = {n for n in archive.namelist() if not n.split("/")[0].endswith(".dist-info")}
-    assert modules == {"image_embedder_client/__init__.py", "image_embedder_client/client.py"}
+    assert modules == {f"image_embedder_client/{name}.py" for name in ("__init__", "client", "grpc_transport",
+                                                                        "grpc_messages")}
 
 
 def test_client_imports_with_the_engine_blocked(tmp_path):
-    """The client runs where only numpy and requests are installed: torch, Pillow, TorchServe, yaml and
-    every other part of this project are made unimportable first."""
-    blocked = ("torch", "ts", "PIL", "yaml", "encoder_handler", "image_embedder", "image_embedder_tools",
+    """The client runs where only numpy and requests are installed: torch, Pillow, TorchServe, yaml, grpcio
+    (for grpc:// urls only) and every other part of this project are made unimportable first."""
+    blocked = ("torch", "ts", "PIL", "yaml", "grpc", "encoder_handler", "image_embedder", "image_embedder_tools",
                "image_embedder_bench", "image_embedder_testkit")
     code = (f"import sys\nfor name in {blocked!r}:\n    sys.modules[name] = None\n"
             "from image_embedder_client import EmbeddingClient\nprint('ok')")

@@ -33,7 +33,11 @@ server's certificate against the system's trust store (or the bundle `REQUESTS_C
 checks nothing. It is passed with every request, so those variables never override a path or False
 (requests lets them override a Session's own `verify`).
 
-Needs numpy and requests only: no torch, no TorchServe.
+gRPC: a `grpc://host:7070` url sends the same requests through TorchServe's gRPC inference API
+(grpc_transport.py; needs grpcio), with the same tokens and retries; cheaper for many small
+concurrent requests (docs/performance.md#rest-or-grpc).
+
+Needs numpy and requests only (grpcio for grpc://): no torch, no TorchServe.
 """
 from __future__ import annotations
 
@@ -52,6 +56,8 @@ import numpy as np
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
+
+from .grpc_transport import RETRIABLE_CODES, Failure, GrpcTransport, batch_runs, refusal
 
 ImageInput = Union[np.ndarray, bytes, bytearray, str, os.PathLike]
 # A batch lost with its worker (killed, or stopped by a scale-down): safe to send again.
@@ -240,6 +246,13 @@ class EmbeddingClient:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.url, self.model = url.rstrip("/"), model
         self.endpoint = f"{self.url}/predictions/{model}"
+        self._grpc: Optional[GrpcTransport] = None
+        if self.url.startswith("grpc://"):
+            self._grpc = GrpcTransport(self.url[len("grpc://"):], model)
+            self.endpoint = f"{self.url} (model {model})"
+        elif not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url {url!r}: expected http://, https:// or grpc:// (TorchServe's gRPC inference port, "
+                             "plaintext)")
         self.management_url = management_url.rstrip("/") if management_url else None
         self.timeout, self.retries, self.batch_size, self.backoff = timeout, retries, batch_size, backoff
         self.key_file = key_file
@@ -313,10 +326,44 @@ class EmbeddingClient:
                 self._session().close()
             if (response.status_code in (503, 507) or self._lost_worker(response)) and attempt < self.retries:
                 attempt += 1
-                self._count_retries(1)
-                time.sleep(min(30.0, self.backoff * 2 ** (attempt - 1)) * (0.5 + random.random()))
+                self._pause(attempt)
                 continue
             raise self._error(response)
+
+    def _send_grpc(self, inputs: dict[str, bytes]) -> bytes:
+        """One logical request over gRPC, with the same retries and key refreshes as `_send`."""
+        attempt = refreshed = 0
+        while True:
+            token = self._current_token()
+            answer = self._grpc.call(inputs, token, self.timeout)
+            if isinstance(answer, Failure):
+                if answer.code == "PERMISSION_DENIED" or any(m in answer.details for m in AUTH_MARKERS):
+                    if refreshed < 2 and self._refresh(token):
+                        refreshed += 1
+                        continue
+                    raise TokenError(f"gRPC {answer.code} from {self.endpoint}: token refused: {self._token_hint()}: "
+                                     f"{answer.details[:1000]}", None, answer.details)
+                retriable = answer.code in RETRIABLE_CODES or any(m in answer.details for m in LOST_WORKER_MESSAGES)
+                if retriable and attempt < self.retries:
+                    attempt += 1
+                    self._pause(attempt)
+                    continue
+                raise EmbeddingError(f"gRPC {answer.code} from {self.endpoint} after {attempt} retries: "
+                                     f"{answer.details[:1000]}", None, answer.details)
+            refused = refusal(answer)
+            if refused is None:
+                return answer
+            status, text = refused
+            if status in (503, 507) and attempt < self.retries:
+                attempt += 1
+                self._pause(attempt)
+                continue
+            raise EmbeddingError(f"{status} from {self.endpoint}: {text[:1000]}", status, text)
+
+    def _pause(self, attempt: int) -> None:
+        """Before retry `attempt` (1, 2, ...): the backoff, doubling, with jitter."""
+        self._count_retries(1)
+        time.sleep(min(30.0, self.backoff * 2 ** (attempt - 1)) * (0.5 + random.random()))
 
     def _count_retries(self, count: int) -> None:
         if count:
@@ -334,16 +381,18 @@ class EmbeddingClient:
     def _error(self, response: requests.Response) -> EmbeddingError:
         text = response.text[:1000]
         if self._is_auth_refusal(response):
-            if self.key_file:
-                hint = (f"{self.key_file!r} holds no valid inference key; an expired key is renewed only with "
-                        "management_url= (docs/auth.md)")
-            elif self._token:
-                hint = "the token is wrong or has expired (token_expiration_min); get the current inference key"
-            else:
-                hint = "pass the inference key as token= or the server's key_file.json as key_file="
-            return TokenError(f"HTTP {response.status_code} from {self.endpoint}: token refused: {hint}: {text}",
-                              response.status_code, text)
+            return TokenError(f"HTTP {response.status_code} from {self.endpoint}: token refused: {self._token_hint()}: "
+                              f"{text}", response.status_code, text)
         return EmbeddingError(f"HTTP {response.status_code} from {self.endpoint}: {text}", response.status_code, text)
+
+    def _token_hint(self) -> str:
+        """What to do about a refused key, for the error."""
+        if self.key_file:
+            return (f"{self.key_file!r} holds no valid inference key; an expired key is renewed only with "
+                    "management_url= (docs/auth.md)")
+        if self._token:
+            return "the token is wrong or has expired (token_expiration_min); get the current inference key"
+        return "pass the inference key as token= or the server's key_file.json as key_file="
 
     # --- tokens ----------------------------------------------------------------------------------
     def _current_token(self) -> Optional[str]:
@@ -402,25 +451,39 @@ class EmbeddingClient:
                     dimensions: Optional[int] = None) -> np.ndarray:
         """One request for `batch` (flattened images), whatever its size: (len(batch), D), in the dtype
         the server answers (the one asked for)."""
-        request = encode_batch(batch)
-        request["headers"]["Accept"] = NPY
+        options = {"Accept": NPY}
         if dtype is not None:
-            request["headers"]["Embedding-Dtype"] = str(dtype)
+            options["Embedding-Dtype"] = str(dtype)
         if dimensions is not None:
-            request["headers"]["Embedding-Dimensions"] = str(dimensions)
-        response = self._send("POST", **request)
-        if response.headers.get("Content-Type", "").startswith(NPY):
-            out = load_npy(io.BytesIO(response.content))
+            options["Embedding-Dimensions"] = str(dimensions)
+        if self._grpc is not None:
+            entries = {name.lower(): value.encode() for name, value in options.items()}
+            parts = [self._npy_answer(self._send_grpc({**inputs, **entries}))
+                     for _, inputs in batch_runs(batch, lambda a: _npy(wire_dtype(a)))]
+            out = parts[0] if len(parts) == 1 else np.concatenate(parts)
         else:
-            out = np.asarray(response.json()["embeddings"], dtype="uint8" if dtype == "binary" else dtype or np.float32)
+            request = encode_batch(batch)
+            request["headers"].update(options)
+            response = self._send("POST", **request)
+            if response.headers.get("Content-Type", "").startswith(NPY):
+                out = load_npy(io.BytesIO(response.content))
+            else:
+                out = np.asarray(response.json()["embeddings"], dtype="uint8" if dtype == "binary" else dtype or np.float32)
         if out.ndim != 2 or len(out) != len(batch):
             raise EmbeddingError(f"server answered shape {out.shape} for a batch of {len(batch)} images")
         if dtype is not None and out.dtype != np.dtype("uint8" if dtype == "binary" else dtype):
             raise EmbeddingError(f"asked for {dtype} embeddings, the server answered {out.dtype}: an older server?")
         return out
 
+    def _npy_answer(self, answer: bytes) -> np.ndarray:
+        if not answer.startswith(b"\x93NUMPY"):
+            raise EmbeddingError(f"{self.endpoint} answered {answer[:200]!r}, not the .npy asked for: an older server?")
+        return load_npy(io.BytesIO(answer))
+
     def describe(self) -> dict:
         """What the served model says about itself: class, layer, pooling, embedding_dim, input shape, ..."""
+        if self._grpc is not None:
+            return json.loads(self._send_grpc({"describe": b"true"}))
         return self._send("GET", headers={"describe": "True"}).json()
 
     def close(self) -> None:
@@ -429,6 +492,8 @@ class EmbeddingClient:
             sessions, self._sessions = self._sessions, []
         for session in sessions:
             session.close()
+        if self._grpc is not None:
+            self._grpc.close()
         self._local = threading.local()
 
     def __enter__(self) -> "EmbeddingClient":

@@ -33,10 +33,11 @@ def decode_batch(rows: Sequence[Optional[dict]], headers: Sequence[Mapping[str, 
     """Each request of one TorchServe batch, decoded and checked on its own: its DecodedRequest, its
     Refusal or Describe. `headers[i]` are request i's headers, names lower-cased, with a multipart
     part's own headers as a dict under the part's name (as TorchServe records them)."""
+    requests = [input_map(row or {}, request_headers) for row, request_headers in zip(rows, headers)]
     if image_decoder is not None:
-        image_decoder.prefetch(rows)  # this batch's PNG/JPEGs decode in parallel from here on
+        image_decoder.prefetch([row for row, _ in requests])  # this batch's PNG/JPEGs decode in parallel from here on
     decoded: list[Decoded] = []
-    for idx, (row, request_headers) in enumerate(zip(rows, headers)):
+    for idx, (row, request_headers) in enumerate(requests):
         try:
             decoded.append(decode(row or {}, request_headers, image_decoder, settings))
         except Exception as exc:  # a decoder bug must still cost only this request
@@ -63,6 +64,20 @@ def decode(row: dict, headers: Mapping[str, Any], image_decoder: Optional[Decode
     except RequestError as exc:
         return Refusal(as_answer(exc), wire)
     return replace(request, accept=body.header("accept"), output=output)
+
+
+def input_map(row: dict, headers: Mapping[str, Any]) -> tuple[dict, Mapping[str, Any]]:
+    """A request through TorchServe's gRPC inference API as REST would send it. TorchServe hands its
+    input map over as the row, each entry a part without a Content-Type, and no HTTP headers (a REST
+    request has Host at least): `data` is the body, and every other entry the header of its name
+    (`accept`, `embedding-dtype`, `embedding-dimensions`, `describe`, `content-type`). Any other
+    request comes back as it is."""
+    if not row or not headers or any(not isinstance(value, dict) for value in headers.values()):
+        return row, headers
+    body = {key: value for key, value in row.items() if key in ("body", "data")}
+    named = {str(key).lower(): bytes(value).decode("latin-1") if isinstance(value, (bytes, bytearray)) else str(value)
+             for key, value in row.items() if key not in body}
+    return body, named
 
 
 def request_of(row: dict, headers: Mapping[str, Any]) -> Body:

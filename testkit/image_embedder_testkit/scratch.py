@@ -11,7 +11,7 @@ import subprocess
 
 from .checkout import REPO
 
-PORTS = {"8080": 0, "8081": 1, "8082": 2}  # index into the free ports
+PORTS = {"8080": 0, "8081": 1, "8082": 2, "7070": 3, "7071": 4}  # index into the free ports
 GRPC_PORTS = {"grpc_inference_port": 3, "grpc_management_port": 4}
 
 
@@ -28,7 +28,7 @@ def free_ports(count: int) -> list[str]:
 
 def rewrite_ports(text: str, ports: list[str]) -> str:
     """The docs' fixed ports -> this run's free ones, wherever an address names them."""
-    return re.sub(r"\b(127\.0\.0\.1|localhost):(8080|8081|8082)\b",
+    return re.sub(rf"\b(127\.0\.0\.1|localhost):({'|'.join(PORTS)})\b",
                   lambda m: f"{m.group(1)}:{ports[PORTS[m.group(2)]]}", text)
 
 

@@ -14,7 +14,7 @@ import tempfile
 import weakref
 import zipfile
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import ts
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
@@ -29,6 +29,13 @@ class Request:
     content_type: str = "application/x-npy"
     headers: dict = field(default_factory=dict)
     name: str = "body"
+
+
+@dataclass
+class GrpcRequest:
+    """A request as TorchServe's gRPC inference API hands it over: each input map entry a parameter
+    without a Content-Type, and no headers."""
+    inputs: dict
 
 
 @dataclass
@@ -93,10 +100,15 @@ class InProcessModel:
         """The handler instance TorchServe loaded (its `encoder`, `cores`, ...), as a worker holds it."""
         return self.service._entry_point.__self__
 
-    def predict(self, requests: list[Request]) -> list[Response]:
+    def predict(self, requests: list[Union[Request, GrpcRequest]]) -> list[Response]:
         batch = []
         for req in requests:
             self._counter += 1
+            if isinstance(req, GrpcRequest):
+                batch.append({"requestId": f"req-{self._counter}".encode(), "headers": [],
+                              "parameters": [{"name": name, "contentType": "", "value": bytearray(value)}
+                                             for name, value in req.inputs.items()]})
+                continue
             headers = [{"name": k.encode(), "value": str(v).encode()} for k, v in req.headers.items()]
             headers.append({"name": b"Content-Type", "value": req.content_type.encode()})
             batch.append({

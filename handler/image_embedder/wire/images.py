@@ -17,15 +17,20 @@ from .base import Body, WireFormat
 class EncodedImages(WireFormat):
     name = "image"
 
-    def matches(self, body: Body) -> bool:
+    @staticmethod
+    def _encoded(body: Body) -> bool:
+        """One image as the body (else JSON, whether TorchServe parsed it or, over gRPC, not)."""
         raw = body.raw
-        if raw:
-            return sniff_format(raw) is not None or body.content_type in IMAGE_CONTENT_TYPES
+        return bool(raw) and (sniff_format(raw) is not None or body.content_type in IMAGE_CONTENT_TYPES)
+
+    def matches(self, body: Body) -> bool:
+        if self._encoded(body):
+            return True
         doc = body.json_object()
         return doc is not None and "images" in doc
 
     def decode(self, body: Body, image_decoder: Optional[DecodeImage]) -> DecodedRequest:
-        if body.raw:
+        if self._encoded(body):
             return DecodedRequest(decode_image(body.raw, body.content_type, "image", image_decoder), self)
         doc = body.json()
         return DecodedRequest(base64_images(doc["images"], image_decoder), self, output=from_keys(doc, ""))
