@@ -37,6 +37,8 @@ NPY = "application/x-npy"
 SERVER_SIDE = {**IMAGENET, "resize": 256, "center_crop": 224}  # every archive: uint8 pixels and JPEGs mean the same
 SPINNING = {"GOMP_SPINCOUNT": None}  # libgomp's default: threads spin ~10 ms after each parallel region
 PASSIVE = {"GOMP_SPINCOUNT": None, "OMP_WAIT_POLICY": "PASSIVE"}  # threads sleep at once
+TRIM_64 = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}  # a trim 1/16 of ours
+SERIAL_GC = {"JAVA_TOOL_OPTIONS": "-XX:+UseSerialGC -Xms1g -Xmn512m"}  # the frontend's JVM: no G1 humongous bodies
 Images = Union[np.ndarray, tuple]  # a uint8/float32 batch, or encoded JPEG files
 
 

@@ -11,7 +11,7 @@
 """
 from __future__ import annotations
 
-from .framework import NOOPS, PASSIVE, SHIPPED, SPINNING, Case, Serving
+from .framework import NOOPS, PASSIVE, SERIAL_GC, SHIPPED, SPINNING, TRIM_64, Case, Serving
 from .served import Suite
 
 LAYOUTS = Suite("worker layouts, batch delays, thread waits; one client and a crowd", servings=(
@@ -24,6 +24,10 @@ LAYOUTS = Suite("worker layouts, batch delays, thread waits; one client and a cr
     Serving(id="Nxshared-5ms-spin", title="shared threads, 5 ms, libgomp's spin count", env=SPINNING, default=False),
     Serving(id="Nxshared-5ms-passive", title="shared threads, 5 ms, OMP_WAIT_POLICY=PASSIVE", env=PASSIVE,
             default=False),
+    Serving(id="Nxshared-5ms-trim64", title="shared threads, 5 ms, glibc trims above 64 MiB", env=TRIM_64,
+            default=False),
+    Serving(id="Nxshared-5ms-serialgc", title="shared threads, 5 ms, the frontend on Java's serial GC",
+            env=SERIAL_GC, default=False),
 ), cases=(
     Case(id="b32-seq", title="b32 uint8 .npy, 1 sequential client", payload="u8_32", per_client=3),
     Case(id="b32-x2", title="b32 uint8 .npy, 2 in flight", payload="u8_32", clients=2, limit="team"),
