@@ -141,8 +141,12 @@ class TorchServe:
 
     def start(self, timeout: float = 120.0, healthy: bool = True) -> "TorchServe":
         """Start and wait until /ping says Healthy; `healthy=False`: until it answers at all (a model whose
-        workers can never start keeps it 500 Unhealthy while the other models serve)."""
+        workers can never start keeps it 500 Unhealthy while the other models serve). Refused while
+        this server runs: a second start would leave the first one running, with nothing to stop it."""
         refuse_in_quick_tier()
+        if getattr(self, "process", None) is not None:
+            raise RuntimeError(f"TorchServe in {self.workdir} is already running (`with TorchServe(...)` starts it; "
+                               "serve() is start() and the wait for workers)")
         cmd = [_torchserve(), "--start", "--ncs", "--foreground", "--model-store", self.model_store,
                "--ts-config", self.config_path]
         if self.models:
