@@ -68,6 +68,13 @@ def test_folder_of_images_and_npy_in_order(feature_torchserve, tmp_path, example
         if name.endswith((".png", ".jpg")):
             alone = client.embed(str(tmp_path / "in" / name))
             np.testing.assert_allclose(got[row], alone[0], atol=1e-5)
+    # over TorchServe's gRPC API: the same rows (batches mix encoded images and arrays: runs of each)
+    grpc_url = f"grpc://127.0.0.1:{feature_torchserve.ports['grpc_inference_port']}"
+    over_grpc = run_cli(str(tmp_path / "in"), "--out", str(tmp_path / "grpc"), "--url", grpc_url, "--model", "images",
+                        "--key-file", token_file(feature_torchserve, str(tmp_path)), "--batch-size", "3", "--quiet")
+    assert over_grpc.returncode == 0, over_grpc.stderr
+    assert (tmp_path / "grpc" / "names.txt").read_text().splitlines() == names
+    np.testing.assert_allclose(np.load(tmp_path / "grpc" / "embeddings.npy"), got, atol=1e-5)
     # the same command again: says it is done and sends nothing
     again = run_cli(str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--url", feature_torchserve.inference_url,
                     "--model", "images", "--token", "not-even-a-valid-token", "--batch-size", "3")

@@ -325,7 +325,8 @@ def _finish(settings: RunSettings, items: Sequence[Item], batches_done: int, che
 
 def add_server_arguments(parser: argparse.ArgumentParser, model_default: Optional[str] = "encoder") -> None:
     """The flags that say how to reach the server (embed and search share them)."""
-    parser.add_argument("--url", default="http://127.0.0.1:8080", help="TorchServe inference address")
+    parser.add_argument("--url", default="http://127.0.0.1:8080",
+                        help="TorchServe inference address: http(s)://, or grpc://host:7070 (its gRPC API)")
     parser.add_argument("--model", default=model_default, help="model name on the server")
     parser.add_argument("--token", help="inference token (default: from --key-file)")
     parser.add_argument("--key-file", help="TorchServe's key_file.json (default: ./key_file.json if present)")
