@@ -277,6 +277,46 @@ def test_an_expired_key_is_renewed_once_for_all_threads(scripted, tmp_path):
     assert {auth for auth, _, _ in Scripted.seen} == {"Bearer renewed-1"}  # the expired key was never sent
 
 
+class ScriptedGrpc:
+    """Stands in for the client's gRPC transport: answers `script` in order, recording each call's inputs."""
+
+    def __init__(self, script: list) -> None:
+        self.script, self.calls = list(script), []
+
+    def call(self, inputs, token, timeout):
+        self.calls.append(inputs)
+        return self.script.pop(0)
+
+    def close(self) -> None:
+        pass
+
+
+def test_grpc_retries_what_is_safe_and_nothing_else():
+    """Over gRPC the same rule as over REST: no worker, a lost batch and out of memory are sent again
+    (the last arrives as the handler's 507 in an OK answer); a bad request is the caller's error."""
+    from image_embedder_client.grpc_transport import Failure
+
+    image = np.zeros((3, 8, 8), np.uint8)
+    client = EmbeddingClient("grpc://127.0.0.1:1", "m", token="k", backoff=0.001)
+    client._grpc = ScriptedGrpc([Failure("UNAVAILABLE", "Model m has no worker to serve inference request"),
+                                 Failure("INTERNAL", "Worker died."),
+                                 b'{"code": 507, "type": "OutOfMemory", "message": "out of memory"}',
+                                 npy_bytes(np.ones((1, 4), np.float32))])
+    np.testing.assert_array_equal(client.embed(image, dimensions=4), np.ones((1, 4), np.float32))
+    assert client.retried == 3
+    sent = client._grpc.calls[0]
+    assert sent["accept"] == b"application/x-npy" and sent["embedding-dimensions"] == b"4"
+    np.testing.assert_array_equal(load_npy(io.BytesIO(sent["data"])), image[None])
+    client._grpc = ScriptedGrpc([b'{"code": 400, "type": "InvalidShape", "message": "bad"}',
+                                 Failure("INTERNAL", "Model not found: m")])
+    with pytest.raises(EmbeddingError, match="400 from grpc://127.0.0.1:1 .*InvalidShape") as refused:
+        client.embed(image)
+    assert refused.value.status == 400
+    with pytest.raises(EmbeddingError, match="gRPC INTERNAL .*Model not found"):
+        client.embed(image)
+    assert client.retried == 3 and not client._grpc.script
+
+
 def test_large_inputs_go_in_batches_in_order(scripted):
     client = EmbeddingClient(scripted, "m", batch_size=4)
     assert client.embed(np.zeros((10, 3, 2, 2), np.uint8)).shape == (10, 2)
