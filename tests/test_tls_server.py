@@ -48,7 +48,8 @@ def tls(tmp_path_factory) -> ServerTls:
 def https_server(model_store, example_archive, tls):
     if not java_available():
         pytest.fail("TorchServe needs Java 17 (apt-get install -y openjdk-17-jre-headless)")
-    server = TorchServe(model_store, "encoder=encoder.mar", {"default_workers_per_model": "1"}, tls=tls)
+    server = TorchServe(model_store, "encoder=encoder.mar", {"default_workers_per_model": "1", "enable_grpc_ssl": "true"},
+                        tls=tls)
     yield server.serve("encoder")
     server.cleanup()
 
@@ -140,6 +141,23 @@ def test_client_verify_holds_where_the_ca_bundle_variables_point_elsewhere(https
             refused.embed(batch)
 
 
+def test_the_client_over_grpc_with_tls(https_server, tls, example_model, other_bundles):
+    """grpcs:// checks TorchServe's gRPC certificate (`enable_grpc_ssl`) against verify=, as https://
+    does; without the CA the handshake fails at once, named, and is not retried; plaintext gets nothing."""
+    target = f"127.0.0.1:{https_server.ports['grpc_inference_port']}"
+    batch = images(3)
+    client = EmbeddingClient(f"grpcs://{target}", "encoder", token=https_server.keys["inference"], verify=tls.ca_bundle)
+    np.testing.assert_allclose(client.embed(batch), reference_embeddings(example_model, "conv1", batch), atol=1e-4)
+    untrusting = EmbeddingClient(f"grpcs://{target}", "encoder", token=https_server.keys["inference"])
+    with pytest.raises(EmbeddingError, match="TLS handshake failed with verify=True"):
+        untrusting.embed(batch)
+    assert untrusting.retried == 0
+    with pytest.raises(EmbeddingError, match="gRPC UNAVAILABLE"):
+        EmbeddingClient(f"grpc://{target}", "encoder", token=https_server.keys["inference"], retries=0).embed(batch)
+    with pytest.raises(ValueError, match="CA's PEM file"):
+        EmbeddingClient(f"grpcs://{target}", "encoder", verify=False)
+
+
 def test_client_refuses_a_ca_bundle_that_is_not_there(tmp_path):
     missing = str(tmp_path / "no-such-ca.pem")
     with pytest.raises(FileNotFoundError, match=re.escape(f"verify={missing!r}: no such CA bundle")):
@@ -192,7 +210,8 @@ def test_the_documented_config_is_the_one_served(https_server, tmp_path):
     (tmp_path / "documented.properties").write_text(block.text)
     documented = read_properties(str(tmp_path / "documented.properties"))
     served = read_properties(https_server.config_path)
-    assert set(documented) == set(PORT_KEYS + TLS_KEYS)
+    assert set(documented) == set(PORT_KEYS + TLS_KEYS + ("enable_grpc_ssl",))
+    assert documented["enable_grpc_ssl"] == served["enable_grpc_ssl"] == "true"
     for key in PORT_KEYS:
         assert documented[key] == f"https://127.0.0.1:{DOC_PORTS[key]}"
         assert served[key] == f"https://127.0.0.1:{https_server.ports[key]}"

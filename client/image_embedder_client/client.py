@@ -33,9 +33,9 @@ server's certificate against the system's trust store (or the bundle `REQUESTS_C
 checks nothing. It is passed with every request, so those variables never override a path or False
 (requests lets them override a Session's own `verify`).
 
-gRPC: a `grpc://host:7070` url sends the same requests through TorchServe's gRPC inference API
-(grpc_transport.py; needs grpcio), with the same tokens and retries; cheaper for many small
-concurrent requests (docs/performance.md#rest-or-grpc).
+gRPC: a `grpc://host:7070` url (`grpcs://` over TLS, with `verify` as above, less False) sends the
+same requests through TorchServe's gRPC inference API (grpc_transport.py; needs grpcio), with the
+same tokens and retries; cheaper for many small concurrent requests (docs/performance.md#rest-or-grpc).
 
 Needs numpy and requests only (grpcio for grpc://): no torch, no TorchServe.
 """
@@ -57,7 +57,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from .grpc_transport import RETRIABLE_CODES, Failure, GrpcTransport, batch_runs, refusal
+from .grpc_transport import HANDSHAKE_MARKERS, RETRIABLE_CODES, Failure, GrpcTransport, batch_runs, refusal
 
 ImageInput = Union[np.ndarray, bytes, bytearray, str, os.PathLike]
 # A batch lost with its worker (killed, or stopped by a scale-down): safe to send again.
@@ -247,12 +247,13 @@ class EmbeddingClient:
         self.url, self.model = url.rstrip("/"), model
         self.endpoint = f"{self.url}/predictions/{model}"
         self._grpc: Optional[GrpcTransport] = None
-        if self.url.startswith("grpc://"):
-            self._grpc = GrpcTransport(self.url[len("grpc://"):], model)
+        if self.url.startswith(("grpc://", "grpcs://")):
+            scheme, target = self.url.split("://", 1)
+            self._grpc = GrpcTransport(target, model, tls=scheme == "grpcs", verify=self.verify)
             self.endpoint = f"{self.url} (model {model})"
         elif not self.url.startswith(("http://", "https://")):
-            raise ValueError(f"url {url!r}: expected http://, https:// or grpc:// (TorchServe's gRPC inference port, "
-                             "plaintext)")
+            raise ValueError(f"url {url!r}: expected http://, https://, or grpc:// / grpcs:// (TorchServe's gRPC "
+                             "inference port)")
         self.management_url = management_url.rstrip("/") if management_url else None
         self.timeout, self.retries, self.batch_size, self.backoff = timeout, retries, batch_size, backoff
         self.key_file = key_file
@@ -337,6 +338,10 @@ class EmbeddingClient:
             token = self._current_token()
             answer = self._grpc.call(inputs, token, self.timeout)
             if isinstance(answer, Failure):
+                if any(m in answer.details for m in HANDSHAKE_MARKERS):
+                    raise EmbeddingError(f"{self.endpoint}: the TLS handshake failed with verify={self.verify!r}: "
+                                         f"{answer.details[:500]}. A server whose certificate comes from a private CA "
+                                         "needs verify= the path of that CA's PEM file (docs/security.md#https)")
                 if answer.code == "PERMISSION_DENIED" or any(m in answer.details for m in AUTH_MARKERS):
                     if refreshed < 2 and self._refresh(token):
                         refreshed += 1

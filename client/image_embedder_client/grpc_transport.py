@@ -1,4 +1,5 @@
-"""The client's other way to the server: TorchServe's gRPC inference API (`grpc://host:7070`).
+"""The client's other way to the server: TorchServe's gRPC inference API (`grpc://host:7070`, or
+`grpcs://` where TorchServe runs it over TLS: `enable_grpc_ssl=true`, the HTTPS certificate).
 
 Over gRPC a request is its input map: `data` is the body, and every other entry is read by the server
 as the header of its name (accept, embedding-dtype, embedding-dimensions, describe). There is no
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
@@ -22,6 +24,8 @@ import numpy as np
 
 from .grpc_messages import CHANNEL_OPTIONS, METHOD, prediction, predictions_request
 
+# what grpcio says when the TLS handshake fails: never retried (the same certificate fails again)
+HANDSHAKE_MARKERS = ("handshake", "Handshake", "CERTIFICATE_VERIFY_FAILED", "certificate verify failed")
 # gRPC codes worth sending again: the server unreachable or restarting, no worker or a full queue
 # (UNAVAILABLE), out of memory (RESOURCE_EXHAUSTED), no answer within the timeout.
 RETRIABLE_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED")
@@ -72,14 +76,25 @@ def batch_runs(batch: Sequence[Union[np.ndarray, bytes]], npy: Any) -> list[tupl
 
 
 class GrpcTransport:
-    """One channel to `target` (host:port), shared by every thread (HTTP/2 multiplexes the calls)."""
+    """One channel to `target` (host:port), shared by every thread (HTTP/2 multiplexes the calls);
+    `tls`: checked against `verify` (True: grpcio's trusted roots, or the path of a CA's PEM file)."""
 
-    def __init__(self, target: str, model: str) -> None:
+    def __init__(self, target: str, model: str, tls: bool = False, verify: Union[bool, str] = True) -> None:
         try:
             import grpc
         except ImportError as exc:
             raise ImportError(f"grpc://{target} needs grpcio: pip install \"./client[grpc]\" (or use http://)") from exc
         self.grpc, self.target, self.model = grpc, target, model
+        self.credentials = None
+        if tls:
+            if verify is False or (isinstance(verify, str) and not os.path.isfile(verify)):
+                raise ValueError(f"grpcs://{target} with verify={verify!r}: gRPC checks the server's certificate "
+                                 "against a CA's PEM file (verify=its path) or its own trusted roots (verify=True)")
+            roots = None
+            if isinstance(verify, str):
+                with open(verify, "rb") as f:
+                    roots = f.read()
+            self.credentials = grpc.ssl_channel_credentials(root_certificates=roots)
         self._lock = threading.Lock()
         self._channel: Any = None
         self._call: Any = None
@@ -88,7 +103,8 @@ class GrpcTransport:
         """One Predictions call: the answer's bytes, or the Failure gRPC reported."""
         with self._lock:
             if self._channel is None:
-                self._channel = self.grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+                self._channel = (self.grpc.secure_channel(self.target, self.credentials, options=CHANNEL_OPTIONS)
+                                 if self.credentials else self.grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS))
                 self._call = self._channel.unary_unary(METHOD)  # bytes in, bytes out
             call = self._call
         metadata = [("authorization", f"Bearer {token}")] if token else []
