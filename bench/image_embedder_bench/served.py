@@ -34,6 +34,9 @@ def handle(data, context):
 '''
 
 
+LIMIT_CALLS = 4  # timed calls of a limit per round and pass size, at most: in process, they vary little
+
+
 @dataclass(frozen=True)
 class Suite:
     """Servings x cases; `idle_limit`: also the single stream after idle (the fixed cost's)."""
@@ -248,7 +251,7 @@ def run(suite: Suite, args: argparse.Namespace, work: str) -> dict:
         for model, engine in engines.items():
             mine = [c for c in cases if model in c.models]
             peer = start_peer(engine, peers) if args.peer else None
-            limits_ = limit_rows(model, engine, mine, suite, 1 if args.quick else max(c.per_client for c in mine))
+            limits_ = limit_rows(model, engine, mine, suite, 1 if args.quick else min(LIMIT_CALLS, max(c.per_client for c in mine)))
             rows = []
             for case in mine:
                 found, bad = served_rows(model, engine, case, servings, servers, peer, args.scale, noops)
