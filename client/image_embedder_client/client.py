@@ -464,7 +464,7 @@ class EmbeddingClient:
         if self._grpc is not None:
             entries = {name.lower(): value.encode() for name, value in options.items()}
             parts = [self._npy_answer(self._send_grpc({**inputs, **entries}))
-                     for _, inputs in batch_runs(batch, lambda a: _npy(wire_dtype(a)))]
+                     for inputs in batch_runs(batch, lambda a: _npy(wire_dtype(a)))]
             out = parts[0] if len(parts) == 1 else np.concatenate(parts)
         else:
             request = encode_batch(batch)

@@ -18,7 +18,7 @@ import json
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -52,9 +52,9 @@ def refusal(answer: bytes) -> Optional[tuple[int, str]]:
     return None
 
 
-def batch_runs(batch: Sequence[Union[np.ndarray, bytes]], npy: Any) -> list[tuple[int, dict[str, bytes]]]:
-    """(images, input map) per request: consecutive arrays of one shape and dtype as one `.npy` (`npy`
-    writes it), consecutive encoded images as one `{"images": [...]}`."""
+def batch_runs(batch: Sequence[Union[np.ndarray, bytes]], npy: Callable[[np.ndarray], bytes]) -> list[dict[str, bytes]]:
+    """The input map of each request, in order: consecutive arrays of one shape and dtype as one `.npy`
+    (`npy` writes it), consecutive encoded images as one `{"images": [...]}`."""
     runs: list[list[Union[np.ndarray, bytes]]] = []
     for item in batch:
         last = runs[-1][-1] if runs else None
@@ -68,10 +68,10 @@ def batch_runs(batch: Sequence[Union[np.ndarray, bytes]], npy: Any) -> list[tupl
     out = []
     for run in runs:
         if isinstance(run[0], np.ndarray):
-            out.append((len(run), {"data": npy(np.stack(run))}))
+            out.append({"data": npy(np.stack(run))})
         else:
             doc = {"images": [base64.b64encode(item).decode("ascii") for item in run]}
-            out.append((len(run), {"data": json.dumps(doc).encode(), "content-type": b"application/json"}))
+            out.append({"data": json.dumps(doc).encode(), "content-type": b"application/json"})
     return out
 
 

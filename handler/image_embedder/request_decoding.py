@@ -39,7 +39,7 @@ def decode_batch(rows: Sequence[Optional[dict]], headers: Sequence[Mapping[str, 
     decoded: list[Decoded] = []
     for idx, (row, request_headers) in enumerate(requests):
         try:
-            decoded.append(decode(row or {}, request_headers, image_decoder, settings))
+            decoded.append(decode(row, request_headers, image_decoder, settings))
         except Exception as exc:  # a decoder bug must still cost only this request
             logger.exception("decoding request %d failed", idx)
             decoded.append(Refusal(RequestError(500, "InternalError", f"decoding failed: {type(exc).__name__}: {exc}"), PLAIN))

@@ -12,7 +12,7 @@ import subprocess
 from .checkout import REPO
 
 PORTS = {"8080": 0, "8081": 1, "8082": 2, "7070": 3, "7071": 4}  # index into the free ports
-GRPC_PORTS = {"grpc_inference_port": 3, "grpc_management_port": 4}
+GRPC_PORTS = {"grpc_inference_port": PORTS["7070"], "grpc_management_port": PORTS["7071"]}  # config.properties' keys
 
 
 def free_ports(count: int) -> list[str]:
