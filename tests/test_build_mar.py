@@ -262,3 +262,19 @@ def test_a_partial_user_config_keeps_the_build_defaults_it_leaves_out(user_files
         {"minWorkers": 1, "maxWorkers": 1, "responseTimeout": 30}
     assert (config["batchSize"], config["maxBatchDelay"]) == \
         (DEFAULT_TS_CONFIG["batchSize"], DEFAULT_TS_CONFIG["maxBatchDelay"])
+
+
+def test_a_batch_delay_torchserve_would_read_as_100_ms_is_refused(user_files, tmp_path, capsys):
+    """TorchServe 0.12 reads maxBatchDelay 0 in model-config.yaml as unset and holds every batch for
+    its default 100 ms (measured: a lone b32 request of the example 150 ms against 58 at 5 ms)."""
+    config = tmp_path / "no-delay.yaml"
+    config.write_text(yaml.safe_dump({"batchSize": 8, "maxBatchDelay": 0}))
+    argv = ["--model-file", str(user_files / "nested_net.py"), "--model-class", "NestedNet",
+            "--state-dict", str(user_files / "nested.pth"), "--layer", "features.0",
+            "--config-file", str(config), "--export-path", str(tmp_path / "store")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "maxBatchDelay 0" in err and "100 ms" in err and "set 1 or more" in err, err
+    assert not (tmp_path / "store").exists() or not os.listdir(tmp_path / "store")
+    config.write_text(yaml.safe_dump({"batchSize": 1, "maxBatchDelay": 0}))  # no batching: no wait either
+    assert main(argv) == 0

@@ -28,6 +28,7 @@ from image_embedder_testkit.bodies import npy_bytes
 from image_embedder_testkit.example_build import example_files, resnet_files
 from image_embedder_testkit.imagenet import IMAGENET
 from image_embedder_testkit.photos import jpegs
+from image_embedder_tools.ts_defaults import DEFAULT_TS_CONFIG
 
 from .bench_client import RunResult
 
@@ -39,6 +40,7 @@ SPINNING = {"GOMP_SPINCOUNT": None}  # libgomp's default: threads spin ~10 ms af
 PASSIVE = {"GOMP_SPINCOUNT": None, "OMP_WAIT_POLICY": "PASSIVE"}  # threads sleep at once
 TRIM_64 = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}  # a trim 1/16 of ours
 SERIAL_GC = {"JAVA_TOOL_OPTIONS": "-XX:+UseSerialGC -Xms1g -Xmn512m"}  # the frontend's JVM: no G1 humongous bodies
+DEFAULT_DELAY_MS: int = DEFAULT_TS_CONFIG["maxBatchDelay"]  # the build's, so the shipped serving is the build's
 Images = Union[np.ndarray, tuple]  # a uint8/float32 batch, or encoded JPEG files
 
 
@@ -113,8 +115,8 @@ class Serving:
     title: str
     workers: Optional[int] = None
     threads: Optional[int] = None
-    batch_size: int = 16
-    delay_ms: int = 5
+    batch_size: int = DEFAULT_TS_CONFIG["batchSize"]
+    delay_ms: int = DEFAULT_DELAY_MS
     settings: Mapping[str, object] = field(default_factory=dict)
     env: Mapping[str, Optional[str]] = field(default_factory=dict)
     noop: bool = False
@@ -122,7 +124,7 @@ class Serving:
 
 
 SHIPPED = Serving(id="shipped", title="our archive, shipped defaults")
-NOOPS = (Serving(id="noop", title="no-op, batchSize 1 (transport)", batch_size=1, delay_ms=0, noop=True),
+NOOPS = (Serving(id="noop", title="no-op, batchSize 1 (transport)", batch_size=1, noop=True),
          Serving(id="noop-batched", title="no-op, batched as ours", noop=True))
 
 

@@ -11,23 +11,21 @@
 """
 from __future__ import annotations
 
-from .framework import NOOPS, PASSIVE, SERIAL_GC, SHIPPED, SPINNING, TRIM_64, Case, Serving
+from .framework import DEFAULT_DELAY_MS, NOOPS, PASSIVE, SERIAL_GC, SHIPPED, SPINNING, TRIM_64, Case, Serving
 from .served import Suite
 
 LAYOUTS = Suite("worker layouts, batch delays, thread waits; one client and a crowd", servings=(
     Serving(id="1xall", title="1 worker x every thread", workers=1, threads=0, delay_ms=20),
     Serving(id="Nx1", title="1 worker per core x 1 thread", threads=1, delay_ms=20),
-    Serving(id="Nxshared", title="1 worker per core, shared threads, 20 ms batching", delay_ms=20),
-    Serving(id="Nxshared-5ms", title="1 worker per core, shared threads, 5 ms batching (default)"),
-    Serving(id="Nxshared-0ms", title="shared threads, 0 ms batching", delay_ms=0, default=False),
+    Serving(id="Nxshared-20ms", title="1 worker per core, shared threads, 20 ms batching", delay_ms=20),
+    Serving(id="Nxshared", title=f"1 worker per core, shared threads, {DEFAULT_DELAY_MS} ms batching (default)"),
     Serving(id="Nxshared-2ms", title="shared threads, 2 ms batching", delay_ms=2, default=False),
-    Serving(id="Nxshared-5ms-spin", title="shared threads, 5 ms, libgomp's spin count", env=SPINNING, default=False),
-    Serving(id="Nxshared-5ms-passive", title="shared threads, 5 ms, OMP_WAIT_POLICY=PASSIVE", env=PASSIVE,
+    Serving(id="Nxshared-5ms", title="shared threads, 5 ms batching", delay_ms=5, default=False),
+    Serving(id="Nxshared-spin", title="shared threads, libgomp's spin count", env=SPINNING, default=False),
+    Serving(id="Nxshared-passive", title="shared threads, OMP_WAIT_POLICY=PASSIVE", env=PASSIVE, default=False),
+    Serving(id="Nxshared-trim64", title="shared threads, glibc trims above 64 MiB", env=TRIM_64, default=False),
+    Serving(id="Nxshared-serialgc", title="shared threads, the frontend on Java's serial GC", env=SERIAL_GC,
             default=False),
-    Serving(id="Nxshared-5ms-trim64", title="shared threads, 5 ms, glibc trims above 64 MiB", env=TRIM_64,
-            default=False),
-    Serving(id="Nxshared-5ms-serialgc", title="shared threads, 5 ms, the frontend on Java's serial GC",
-            env=SERIAL_GC, default=False),
 ), cases=(
     Case(id="b32-seq", title="b32 uint8 .npy, 1 sequential client", payload="u8_32", per_client=3),
     Case(id="b32-x2", title="b32 uint8 .npy, 2 in flight", payload="u8_32", clients=2, limit="team"),

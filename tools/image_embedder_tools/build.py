@@ -111,6 +111,12 @@ def merged_model_config(user_config: Optional[str], handler: dict[str, Any]) -> 
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config-file {user_config!r} must hold a YAML mapping")
         config.update(loaded)
+        delay, batch = config.get("maxBatchDelay"), config.get("batchSize")
+        if isinstance(delay, int) and delay <= 0 and isinstance(batch, int) and batch > 1:
+            # ModelManager reads maxBatchDelay <= 0 from model-config.yaml as unset: its default, 100 ms
+            raise ConfigError(f"--config-file {user_config!r} sets maxBatchDelay {delay}: TorchServe 0.12 reads "
+                              "0 or less as unset and holds every batch for its default 100 ms; set 1 or more "
+                              "(ms a lone request waits for company), or batchSize 1 for no batching")
     config["handler"] = {**(config.get("handler") or {}), **handler}
     return config
 
