@@ -22,6 +22,7 @@ class RunResult:
     latencies_s: list[float]
     errors: list[str] = field(default_factory=list)
     sample: Optional[bytes] = None  # one answer's body, for a correctness check
+    cpu_s: dict = field(default_factory=dict)  # served rows: CPU seconds by role (cpu_use.ROLES)
 
 
 def run_threads(open_sender: Callable[[], tuple[Sender, Callable[[], None]]], clients: int,

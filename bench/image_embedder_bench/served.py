@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import yaml
 
@@ -18,8 +19,8 @@ from image_embedder_testkit.management import worker_rss_mb
 from image_embedder_testkit.ts_server import TorchServe, free_ports
 from image_embedder_tools.build import ArchiveSpec, build_archive
 
-from . import limits
-from .bench_client import run_clients
+from . import cpu_use, limits
+from .bench_client import RunResult, run_clients
 from .grpc_client import run_grpc_clients
 from .framework import (SHAPE, Case, Engine, Row, Serving, archive_name, check_answer, cores, make_engines,
                         payload, run_rounds)
@@ -106,8 +107,9 @@ def start_servers(work: str, engines: dict[str, Engine], servings: tuple[Serving
     return by_archive
 
 
-def start_peer(engine: Engine, started: list[subprocess.Popen]) -> str:
-    """A LitServe server for this engine on a free port, once it answers its health check; its URL."""
+def start_peer(engine: Engine, started: list[subprocess.Popen]) -> tuple[str, int]:
+    """A LitServe server for this engine on a free port, once it answers its health check: its URL and
+    process group."""
     import requests
 
     [port] = free_ports(1)
@@ -122,7 +124,7 @@ def start_peer(engine: Engine, started: list[subprocess.Popen]) -> str:
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                return url
+                return url, proc.pid
         except requests.RequestException:
             pass
         time.sleep(0.3)  # poll interval
@@ -147,15 +149,17 @@ def limit_rows(model: str, engine: Engine, cases: list[Case], suite: Suite, call
 
 
 def served_rows(model: str, engine: Engine, case: Case, servings: tuple[Serving, ...],
-                servers: dict[str, TorchServe], peer: Optional[str], scale: int,
+                servers: dict[str, TorchServe], peer: Optional[tuple[str, int]], scale: int,
                 measured_noops: set) -> tuple[list[Row], list[str]]:
-    """The case on every serving (a no-op once per case, for any model) and the peer; each warmed up
-    and its answer checked against the engine's in process."""
+    """The case on every serving (a no-op once per case, for any model) and the peer (URL, process
+    group); each warmed up with one unmeasured round (TorchServe's JVM compiles its hot paths, every
+    worker meets the case) and its answer checked against the engine's in process. Each round also
+    records the CPU the server's processes, the clients and the idle cores took."""
     p = payload(case.payload)
     body, headers = p.body()
     expected = {}
     rows, problems = [], []
-    targets = []  # (serving or None for the peer, go(clients, per_client) -> RunResult)
+    targets = []  # (serving or None for the peer, server process group, go(clients, per_client) -> RunResult)
     for serving in servings:
         if serving.noop:
             if (case.id, serving.id) in measured_noops:
@@ -166,17 +170,18 @@ def served_rows(model: str, engine: Engine, case: Case, servings: tuple[Serving,
         if case.transport == "grpc":  # the body as the input `data`; no headers: sniffed, answered as JSON
             target = f"127.0.0.1:{server.ports['grpc_inference_port']}"
             key = server.headers()["Authorization"].split()[-1]
-            targets.append((serving, lambda c, n, t=target, a=name, k=key: run_grpc_clients(t, a, body, k, c, n)))
+            targets.append((serving, server.process.pid,
+                            lambda c, n, t=target, a=name, k=key: run_grpc_clients(t, a, body, k, c, n)))
         else:
             url, hdrs = f"{server.inference_url}/predictions/{name}", {**headers, **server.headers()}
-            targets.append((serving, lambda c, n, u=url, h=hdrs: run_clients(u, body, h, c, n)))
+            targets.append((serving, server.process.pid, lambda c, n, u=url, h=hdrs: run_clients(u, body, h, c, n)))
     if peer and case.transport == "rest":
         from .litserve_peer import request_body
 
         peer_body = request_body(p.images) if p.send in ("npy", "json") else request_body(jpegs=p.images)
-        targets.append((None, lambda c, n: run_clients(f"{peer}/predict", peer_body,
-                                                       {"Content-Type": "application/json"}, c, n)))
-    for serving, go in targets:
+        targets.append((None, peer[1], lambda c, n: run_clients(f"{peer[0]}/predict", peer_body,
+                                                                {"Content-Type": "application/json"}, c, n)))
+    for serving, group, go in targets:
         kind = "peer" if serving is None else "noop" if serving.noop else "served"
         label = "litserve" if serving is None else serving.id
         warm = go(1, 1)
@@ -188,9 +193,26 @@ def served_rows(model: str, engine: Engine, case: Case, servings: tuple[Serving,
                 expected[key] = engine.work(cores(), p.images, **settings)[1]()
             problem = check_answer(warm.sample, expected[key], f"{model} {label} {case.id}")
             problems += [problem] if problem else []
-        run = (lambda go=go: go(case.clients, case.per_client * scale))
+        problems += go(case.clients, case.per_client).errors
+        run = (lambda go=go, group=group: _with_cpu(group, lambda: go(case.clients, case.per_client * scale)))
         rows.append(Row("any" if kind == "noop" else model, case.id, label, kind, len(p.images), run))
     return rows, problems
+
+
+def _with_cpu(group: int, go: Callable[[], RunResult]) -> RunResult:
+    """go()'s result with the CPU seconds by role it took (cpu_use)."""
+    before = cpu_use.snapshot(group)
+    result = go()
+    result.cpu_s = cpu_use.used(before, cpu_use.snapshot(group))
+    return result
+
+
+def _cpu_share(row: Row) -> Optional[dict[str, float]]:
+    """Each role's CPU seconds over the cores' seconds of its round (cores x wall), median over rounds."""
+    rounds = [r for r in row.results if r.cpu_s]
+    if not rounds:
+        return None
+    return {role: statistics.median(r.cpu_s[role] / (cores() * r.wall_s) for r in rounds) for role in cpu_use.ROLES}
 
 
 def limit_of(case: Case, limits_: dict[tuple, Row]) -> tuple[str, Row]:
@@ -230,7 +252,13 @@ def report(by_model: dict, cases: list[Case], rss: dict, args: argparse.Namespac
                               "kind": r.kind, "images_per_s": r.rate, "rates": r.rates, "p50_ms": r.latency_ms(50),
                               "p90_ms": r.latency_ms(90), "ratio": ratio, "limit": limit.rate,
                               "limit_kind": case.limit, "limit_payload": case.limit_payload or case.payload,
-                              "errors": r.errors})
+                              "errors": r.errors, "cpu_share": _cpu_share(r)})
+    print("\nwhere the cores went (share of cores x wall time, median of rounds): "
+          + " / ".join(cpu_use.ROLES))
+    for row in table:
+        if row["cpu_share"]:
+            shares = " / ".join(f"{row['cpu_share'][role]:.2f}" for role in cpu_use.ROLES)
+            print(f"  {row['model']:9} {row['case']:16} {row['layout']:24} {shares}")
     print("\nworker memory (RSS MB per worker) by archive:")
     for name, values in rss.items():
         print(f"  {name:28} {' '.join(f'{v:.0f}' for v in values):24} total {sum(values):.0f}")
