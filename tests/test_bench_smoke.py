@@ -69,13 +69,15 @@ def served_cases(suite, results: dict) -> None:
     assert sorted((r["case"], r["layout"]) for r in results["rows"]) == sorted((c, s) for c in cases for s in servings)
     assert all(r["limit"] > 0 and r["ratio"] > 0 and len(r["rates"]) == 1 and 0 < r["p50_ms"] <= r["p90_ms"]
                for r in results["rows"]), results["rows"]
-    # where the cores went: every role's share of the round's core-seconds; the server computed
+    # where the cores went: every role's share of the round's core-seconds. Process CPU counts in clock
+    # ticks (10 ms), which a short quick row may miss: the servers' time is checked over all rows.
     from image_embedder_bench.cpu_use import ROLES
 
     for r in results["rows"]:
         share = r["cpu_share"]
         assert set(share) == set(ROLES) and all(0 <= v <= 1.5 for v in share.values()), r
-        assert share["workers"] + share["frontend"] > 0 and share["clients"] > 0, r
+        assert share["clients"] > 0, r  # this process's own CPU clock: nanoseconds
+    assert sum(r["cpu_share"]["workers"] + r["cpu_share"]["frontend"] for r in results["rows"]) > 0
     cores = len(os.sched_getaffinity(0))
     assert {name: len(rss) for name, rss in results["rss_mb"].items()} == \
         {(s.id if s.noop else f"example-{s.id}"): (s.workers or cores) for s in suite.servings if s.default}
