@@ -184,7 +184,7 @@ def served_rows(model: str, engine: Engine, case: Case, servings: tuple[Serving,
     for serving, group, go in targets:
         kind = "peer" if serving is None else "noop" if serving.noop else "served"
         label = "litserve" if serving is None else serving.id
-        warm = go(1, 1)
+        warm = go(case.clients, case.per_client)  # the unmeasured round; one of its answers is checked
         problems += warm.errors
         if kind == "served" or (kind == "peer" and p.send != "multipart"):  # the peer resizes JPEGs its own way
             settings = dict(serving.settings) if serving else {}
@@ -193,7 +193,6 @@ def served_rows(model: str, engine: Engine, case: Case, servings: tuple[Serving,
                 expected[key] = engine.work(cores(), p.images, **settings)[1]()
             problem = check_answer(warm.sample, expected[key], f"{model} {label} {case.id}")
             problems += [problem] if problem else []
-        problems += go(case.clients, case.per_client).errors
         run = (lambda go=go, group=group: _with_cpu(group, lambda: go(case.clients, case.per_client * scale)))
         rows.append(Row("any" if kind == "noop" else model, case.id, label, kind, len(p.images), run))
     return rows, problems
