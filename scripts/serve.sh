@@ -30,8 +30,8 @@ $PY scripts/build_mar.py --model-file examples/custom_model/model.py --model-cla
 stop
 rm -f key_file.json
 # TorchServe keeps its stdout: send it to a file, never to a pipe.
-.venv/bin/torchserve --start --ncs --ts-config config.properties --model-store model_store \
-  --models encoder=encoder.mar >logs/torchserve.out 2>&1
+.venv/bin/torchserve --start --ncs --ts-config config.properties --log-config log4j2.xml \
+  --model-store model_store --models encoder=encoder.mar >logs/torchserve.out 2>&1
 # the keys into $TOKEN/$MTOKEN, then a READY worker (/ping says Healthy while the model still loads)
 source scripts/ready.sh encoder
 INFERENCE=$(sed -n 's/^inference_address=//p' config.properties) $PY - <<'PY'

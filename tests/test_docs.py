@@ -227,8 +227,8 @@ if [ -z "${DOCS_README_KEYS:-}" ]; then
 elif ! cmp -s key_file.json "$DOCS_README_KEYS"; then
   .venv/bin/torchserve --stop --foreground > /dev/null 2>&1 || true
   rm -f key_file.json
-  GOMP_SPINCOUNT=10000 .venv/bin/torchserve --start --ncs --ts-config config.properties --model-store model_store \\
-    --models encoder=encoder.mar > out/torchserve.out 2>&1
+  GOMP_SPINCOUNT=10000 .venv/bin/torchserve --start --ncs --ts-config config.properties --log-config log4j2.xml \\
+    --model-store model_store --models encoder=encoder.mar > out/torchserve.out 2>&1
   source scripts/ready.sh encoder
   cp key_file.json "$DOCS_README_KEYS"
 fi

@@ -72,9 +72,10 @@ def test_scripts_keep_the_safe_defaults():
         for pattern, why in unsafe:
             match = re.search(pattern, text)
             assert match is None, f"{os.path.relpath(path, REPO)}: {why}: {match.group(0)!r}"
-        for line in text.splitlines():  # every TorchServe a script starts reads the shipped config
+        for line in text.splitlines():  # every TorchServe a script starts reads the shipped configs
             if re.search(r"torchserve\s+--start", line) and not line.lstrip().startswith("#"):
-                assert "--ts-config config.properties" in line, f"{os.path.relpath(path, REPO)}: {line.strip()}"
+                assert "--ts-config config.properties --log-config log4j2.xml" in line, \
+                    f"{os.path.relpath(path, REPO)}: {line.strip()}"
 
 
 def container_envs(doc: dict) -> list[dict]:
@@ -109,6 +110,27 @@ def test_every_launcher_limits_the_spinning():
     shown = [line for page in [os.path.join(REPO, "README.md"), *glob.glob(os.path.join(REPO, "docs", "*.md"))]
              for line in open(page) if re.match(r"\S*\.venv/bin/torchserve --start|\S+=\S+ \.venv/bin/torchserve --start", line)]
     assert shown and all(line.startswith(f"{name}={value} ") for line in shown), shown
+
+
+def test_every_launcher_passes_the_log_config():
+    """The shipped log4j2.xml (one access-log line a request; tests/test_server_logs.py) is every
+    launcher's: the scripts' (above), the pages', the images' (COPY . /app) and the Deployments'."""
+    assert os.path.isfile(os.path.join(REPO, "log4j2.xml"))
+    shown = [line for page in [os.path.join(REPO, "README.md"), *glob.glob(os.path.join(REPO, "docs", "*.md"))]
+             for line in open(page) if re.search(r"\.venv/bin/torchserve --start", line)]
+    assert shown and all("--ts-config config.properties --log-config log4j2.xml " in line for line in shown), shown
+    for dockerfile in ("deploy/Dockerfile", "deploy/Dockerfile.cuda"):
+        with open(os.path.join(REPO, dockerfile)) as f:
+            text = f.read()
+        assert "COPY . /app" in text, dockerfile
+        [cmd] = re.findall(r"^CMD (.*)$", text, flags=re.M)
+        assert '"--log-config", "/app/log4j2.xml"' in cmd, dockerfile
+    commands = []
+    for path in glob.glob(os.path.join(REPO, "deploy", "k8s", "deployment-*.yaml")):
+        with open(path) as f:
+            commands += [c["command"] for doc in yaml.safe_load_all(f) if (doc or {}).get("kind") == "Deployment"
+                         for c in doc["spec"]["template"]["spec"]["containers"]]
+    assert len(commands) == 2 and all(c[c.index("--log-config") + 1] == "/app/log4j2.xml" for c in commands), commands
 
 
 # -- live, against the shipped configuration ---------------------------------------------------------

@@ -108,8 +108,9 @@ def make_engines(work: str, names: list[str]) -> dict[str, Engine]:
 class Serving:
     """How one archive runs: workers (None: one per core), torch threads (None: shared by the busy
     workers; 0: every core), TorchServe batching, handler settings over the model's, the server's
-    environment over the launchers' (each environment gets a TorchServe of its own). A `noop` serving
-    answers without reading the body: what TorchServe alone costs. `default`: run without a choice."""
+    environment over the launchers' (each environment and `launcher_logs` gets a TorchServe of its own;
+    False: TorchServe's own log4j2.xml). A `noop` serving answers without reading the body: what
+    TorchServe alone costs. `default`: run without a choice."""
 
     id: str
     title: str
@@ -119,6 +120,7 @@ class Serving:
     delay_ms: int = DEFAULT_DELAY_MS
     settings: Mapping[str, object] = field(default_factory=dict)
     env: Mapping[str, Optional[str]] = field(default_factory=dict)
+    launcher_logs: bool = True
     noop: bool = False
     default: bool = True
 

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 import yaml
 
+from image_embedder_testkit.checkout import SHIPPED_LOG_CONFIG
 from image_embedder_testkit.management import worker_rss_mb
 from image_embedder_testkit.ts_server import TorchServe, free_ports
 from image_embedder_tools.build import ArchiveSpec, build_archive
@@ -94,11 +95,12 @@ def start_servers(work: str, engines: dict[str, Engine], servings: tuple[Serving
                   started: list[TorchServe]) -> dict[str, TorchServe]:
     """Archive name -> the TorchServe serving it, every worker READY; each server appended to `started`."""
     by_archive = {}
-    envs = list(dict.fromkeys(tuple(sorted(s.env.items())) for s in servings))
-    for index, env in enumerate(envs):
-        group = tuple(s for s in servings if tuple(sorted(s.env.items())) == env)
+    server_of = {s.id: (tuple(sorted(s.env.items())), s.launcher_logs) for s in servings}
+    for index, (env, launcher_logs) in enumerate(dict.fromkeys(server_of.values())):
+        group = tuple(s for s in servings if server_of[s.id] == (env, launcher_logs))
         store, counts = build(work, engines, group, index)
-        server = TorchServe(store, ",".join(f"{n}={n}.mar" for n in counts), env=dict(env))
+        server = TorchServe(store, ",".join(f"{n}={n}.mar" for n in counts), env=dict(env),
+                            log_config=SHIPPED_LOG_CONFIG if launcher_logs else None)
         started.append(server)
         server.start(timeout=600)
         for name, count in counts.items():

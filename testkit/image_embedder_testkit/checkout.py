@@ -12,4 +12,5 @@ EXAMPLE_DIR = os.path.join(REPO, "examples", "custom_model")
 EXAMPLE_MODEL = os.path.join(EXAMPLE_DIR, "model.py")
 RESNET_MODEL = os.path.join(REPO, "examples", "resnet", "model.py")  # ResNet18 / ResNet50, torchvision's layout
 SHIPPED_CONFIG = os.path.join(REPO, "config.properties")
+SHIPPED_LOG_CONFIG = os.path.join(REPO, "log4j2.xml")  # every launcher's --log-config
 TEST_MODELS = os.path.join(REPO, "tests", "models")

@@ -16,7 +16,7 @@ from typing import Optional, Union
 import requests
 
 from image_embedder.thread_wait import SPIN_LIMIT
-from image_embedder_testkit.checkout import SHIPPED_CONFIG
+from image_embedder_testkit.checkout import SHIPPED_CONFIG, SHIPPED_LOG_CONFIG
 
 PORT_KEYS = ("inference_address", "management_address", "metrics_address")
 GRPC_KEYS = ("grpc_inference_port", "grpc_management_port")
@@ -87,14 +87,16 @@ class TorchServe:
     """Start with `start()`, stop with `stop()`; `inference_url`, `management_url`, `metrics_url`, `headers()`.
 
     With `tls`, every HTTP address is https:// with TorchServe's `private_key_file`/`certificate_file`,
-    and `verify` (requests' argument, passed with each call) is the CA bundle; else it is True."""
+    and `verify` (requests' argument, passed with each call) is the CA bundle; else it is True.
+    `log_config`: the launchers' log4j2.xml; None: TorchServe's own (its ~45 lines a request)."""
 
     def __init__(self, model_store: str, models: str = "", overrides: Optional[dict] = None,
                  base_config: str = SHIPPED_CONFIG, env: Optional[dict] = None,
-                 tls: Optional[ServerTls] = None) -> None:
+                 tls: Optional[ServerTls] = None, log_config: Optional[str] = SHIPPED_LOG_CONFIG) -> None:
         self.model_store = os.path.abspath(model_store)
         self.extra_env = dict(env or {})  # for the frontend and, through it, every worker; None unsets
         self.models = models
+        self.log_config = log_config
         self.workdir = tempfile.mkdtemp(prefix="ts-test-")
         self.tmpdir = os.path.join(self.workdir, "tmp")
         os.makedirs(self.tmpdir)
@@ -151,6 +153,8 @@ class TorchServe:
                "--ts-config", self.config_path]
         if self.models:
             cmd += ["--models", self.models]
+        if self.log_config:
+            cmd += ["--log-config", self.log_config]
         self._out = open(self.log_path, "wb")
         # --foreground keeps the Java process as our child, so it is ours to stop even if a test dies.
         self.process = subprocess.Popen(cmd, cwd=self.workdir, env=self.env, stdout=self._out,
