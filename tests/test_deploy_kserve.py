@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,6 +24,7 @@ import yaml
 from image_embedder_testkit.checkout import REPO
 from image_embedder_testkit.kserve_server import KServeLayoutServer
 from image_embedder_testkit.reference import reference_embeddings
+from image_embedder_testkit.server_logs import accesses, per_request_lines
 
 ROUTES = ("/predictions/encoder", "/v1/models/encoder:predict", "/v2/models/encoder/infer")
 
@@ -61,6 +63,11 @@ def test_layout_files(layout, example_archive):
                 key, value = line.rstrip("\n").split("=", 1)
                 props[key] = value
     assert props["enable_envvars_config"] == "true" and props["model_store"] == "/mnt/models/model-store"
+    # the launchers' log config, beside the config that names it (KServe's runtime passes no --log-config)
+    assert sorted(os.listdir(os.path.join(layout, "config"))) == ["config.properties", "log4j2.xml"]
+    assert props["vmargs"] == "-Dlog4j.configurationFile=file:///mnt/models/config/log4j2.xml"
+    with open(os.path.join(layout, "config", "log4j2.xml")) as a, open(os.path.join(REPO, "log4j2.xml")) as b:
+        assert a.read() == b.read()
     assert props["inference_address"] == props["management_address"] == "http://127.0.0.1:8085"
     model = json.loads(props["model_snapshot"])["models"]["encoder"]["1.0"]
     # the conftest archive has no model-config of its own: build_mar's documented defaults, delay from the
@@ -140,6 +147,19 @@ def test_a_bad_body_in_a_batch_costs_the_others_nothing(kserve_server, conv1_mod
     for i, (images, response) in enumerate(zip(good, responses)):
         np.testing.assert_allclose(embeddings_from(response, "v2", f"ok-{i}"),
                                    reference_embeddings(conv1_model, "conv1", images), atol=1e-5)
+
+
+@pytest.mark.server
+def test_the_layouts_log_config_is_the_launchers(kserve_server):
+    """vmargs names the layout's log4j2.xml: a request writes its access-log line and none of the others."""
+    before = accesses(kserve_server.workdir, ROUTES[0])
+    images = np.zeros((1, 3, 8, 8), np.float32)
+    assert requests.post(kserve_server.inference_url + ROUTES[0], json=v1_body(images), timeout=120).status_code == 200
+    deadline = time.monotonic() + 60
+    while accesses(kserve_server.workdir, ROUTES[0]) == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert accesses(kserve_server.workdir, ROUTES[0]) == before + 1
+    assert per_request_lines(kserve_server.workdir) == {}
 
 
 @pytest.mark.server

@@ -32,6 +32,7 @@ from image_embedder_tools.ts_defaults import DEFAULT_TS_CONFIG
 
 # package data, so an installed wheel finds it from any directory
 CONFIG_TEMPLATE = resources.files("image_embedder_tools") / "kserve" / "config.properties"
+LOG_CONFIG = resources.files("image_embedder_tools") / "log4j2.xml"  # the template's vmargs names its copy
 
 
 @dataclass
@@ -77,7 +78,8 @@ def read_archive(mar: str) -> ServingSettings:
 
 def write_layout(mar: str, out_dir: str, workers: Optional[int] = None, batch_size: Optional[int] = None,
                  max_batch_delay: Optional[int] = None) -> str:
-    """Write `<out_dir>/config/config.properties` and `<out_dir>/model-store/<name>.mar`; returns the config path."""
+    """Write `<out_dir>/config/config.properties`, `<out_dir>/config/log4j2.xml` and
+    `<out_dir>/model-store/<name>.mar`; returns the config path."""
     settings = read_archive(mar)
     if workers is not None:
         settings.min_workers = settings.max_workers = workers
@@ -95,6 +97,8 @@ def write_layout(mar: str, out_dir: str, workers: Optional[int] = None, batch_si
     config = CONFIG_TEMPLATE.read_text()
     with open(config_path, "w") as f:
         f.write(config.rstrip("\n") + f"\nmodel_snapshot={settings.snapshot(mar_name)}\n")
+    with open(os.path.join(out_dir, "config", "log4j2.xml"), "w") as f:
+        f.write(LOG_CONFIG.read_text())
     return config_path
 
 
