@@ -114,7 +114,8 @@ def test_every_launcher_limits_the_spinning():
 
 def test_every_launcher_passes_the_log_config():
     """The shipped log4j2.xml (one access-log line a request; tests/test_server_logs.py) is every
-    launcher's: the scripts' (above), the pages', the images' (COPY . /app) and the Deployments'."""
+    launcher's: the scripts' (above), the pages', the images' (COPY . /app) and the Deployments' (the
+    KServe layout's: tests/test_deploy_kserve.py)."""
     assert os.path.isfile(os.path.join(REPO, "log4j2.xml"))
     shown = [line for page in [os.path.join(REPO, "README.md"), *glob.glob(os.path.join(REPO, "docs", "*.md"))]
              for line in open(page) if re.search(r"\.venv/bin/torchserve --start", line)]

@@ -85,8 +85,9 @@ SERVED = {"layouts": LAYOUTS, "payloads": PAYLOADS, "fixed-cost": FIXED_COST, "t
 
 
 def ours(results: dict) -> list[dict]:
-    """Ours = our archive - the no-op batched as ours (on the same server) - the model in process (back to back / after idle),
-    per serving and case, in ms per request (medians); with p90/median and model/served for each."""
+    """Ours = our archive - the no-op batched as ours on the same server - the model in process (back to
+    back / after idle), per serving and case, in ms per request (medians); with p90/median and
+    model/served for each."""
     rows = results["rows"]
     limits = {(l["payload"], l["limit"]): l for l in results["limits"]}
     noop = {(r["layout"], r["case"]): r for r in rows if r["kind"] == "noop"}
