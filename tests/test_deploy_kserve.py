@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,7 +23,7 @@ import yaml
 from image_embedder_testkit.checkout import REPO
 from image_embedder_testkit.kserve_server import KServeLayoutServer
 from image_embedder_testkit.reference import reference_embeddings
-from image_embedder_testkit.server_logs import accesses, per_request_lines
+from image_embedder_testkit.server_logs import accesses, per_request_lines, wait_for
 
 ROUTES = ("/predictions/encoder", "/v1/models/encoder:predict", "/v2/models/encoder/infer")
 
@@ -155,10 +154,7 @@ def test_the_layouts_log_config_is_the_launchers(kserve_server):
     before = accesses(kserve_server.workdir, ROUTES[0])
     images = np.zeros((1, 3, 8, 8), np.float32)
     assert requests.post(kserve_server.inference_url + ROUTES[0], json=v1_body(images), timeout=120).status_code == 200
-    deadline = time.monotonic() + 60
-    while accesses(kserve_server.workdir, ROUTES[0]) == before and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert accesses(kserve_server.workdir, ROUTES[0]) == before + 1
+    assert wait_for(lambda: accesses(kserve_server.workdir, ROUTES[0]) == before + 1)
     assert per_request_lines(kserve_server.workdir) == {}
 
 

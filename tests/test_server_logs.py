@@ -1,14 +1,12 @@
 """The shipped log4j2.xml (every launcher's --log-config): one access-log line a request and none of
 TorchServe's ~45 others, while the startup lines stay. The same requests to a TorchServe on its own
 log4j2.xml show that each line the shipped one drops is real."""
-import time
-
 import numpy as np
 import pytest
 import requests
 
 from image_embedder_testkit.bodies import npy_bytes
-from image_embedder_testkit.server_logs import LOGS, PER_REQUEST, accesses, per_request_lines, read_log
+from image_embedder_testkit.server_logs import LOGS, PER_REQUEST, accesses, per_request_lines, read_log, wait_for
 from image_embedder_testkit.ts_server import TorchServe, java_available
 
 REQUESTS = 4
@@ -21,16 +19,6 @@ def embed(server: TorchServe) -> None:
         r = requests.post(server.inference_url + PATH, data=body, timeout=120,
                           headers=server.headers(**{"Content-Type": "application/x-npy"}))
         assert r.status_code == 200, r.text
-
-
-def wait_for(check, timeout: float = 60.0) -> bool:
-    """The workers' lines reach the frontend's files through a reader thread: poll."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 @pytest.fixture(scope="module")

@@ -125,6 +125,11 @@ class Serving:
     default: bool = True
 
 
+def server_key(serving: Serving) -> tuple:
+    """Servings with the same key share one TorchServe: its environment and its log config."""
+    return tuple(sorted(serving.env.items())), serving.launcher_logs
+
+
 SHIPPED = Serving(id="shipped", title="our archive, shipped defaults")
 NOOPS = (Serving(id="noop", title="no-op, batchSize 1 (transport)", batch_size=1, noop=True),
          Serving(id="noop-batched", title="no-op, batched as ours", noop=True))

@@ -24,7 +24,7 @@ from . import cpu_use, limits
 from .bench_client import RunResult, run_clients
 from .grpc_client import run_grpc_clients
 from .framework import (SHAPE, Case, Engine, Row, Serving, archive_name, check_answer, cores, make_engines,
-                        payload, run_rounds)
+                        payload, run_rounds, server_key)
 
 NOOP_HANDLER = '''"""Answers every request at once without reading it: what TorchServe alone costs."""
 
@@ -95,9 +95,8 @@ def start_servers(work: str, engines: dict[str, Engine], servings: tuple[Serving
                   started: list[TorchServe]) -> dict[str, TorchServe]:
     """Archive name -> the TorchServe serving it, every worker READY; each server appended to `started`."""
     by_archive = {}
-    server_of = {s.id: (tuple(sorted(s.env.items())), s.launcher_logs) for s in servings}
-    for index, (env, launcher_logs) in enumerate(dict.fromkeys(server_of.values())):
-        group = tuple(s for s in servings if server_of[s.id] == (env, launcher_logs))
+    for index, (env, launcher_logs) in enumerate(dict.fromkeys(map(server_key, servings))):
+        group = tuple(s for s in servings if server_key(s) == (env, launcher_logs))
         store, counts = build(work, engines, group, index)
         server = TorchServe(store, ",".join(f"{n}={n}.mar" for n in counts), env=dict(env),
                             log_config=SHIPPED_LOG_CONFIG if launcher_logs else None)

@@ -11,7 +11,8 @@
 """
 from __future__ import annotations
 
-from .framework import DEFAULT_DELAY_MS, NOOPS, PASSIVE, SERIAL_GC, SHIPPED, SPINNING, TRIM_64, Case, Serving
+from .framework import (DEFAULT_DELAY_MS, NOOPS, PASSIVE, SERIAL_GC, SHIPPED, SPINNING, TRIM_64, Case, Serving,
+                        server_key)
 from .served import Suite
 
 LAYOUTS = Suite("worker layouts, batch delays, thread waits; one client and a crowd", servings=(
@@ -80,7 +81,6 @@ TRANSPORT = Suite("REST against TorchServe's gRPC inference API, same archives a
                                                         "limit": "team", "limit_payload": "u8_16"}),
     ) for transport in ("rest", "grpc")))
 
-NOOP_BASELINE = {"ts-logs": "ts-logs-noop"}  # a serving's no-op on the same server, when not noop-batched
 SERVED = {"layouts": LAYOUTS, "payloads": PAYLOADS, "fixed-cost": FIXED_COST, "transport": TRANSPORT}
 
 
@@ -91,9 +91,13 @@ def ours(results: dict) -> list[dict]:
     rows = results["rows"]
     limits = {(l["payload"], l["limit"]): l for l in results["limits"]}
     noop = {(r["layout"], r["case"]): r for r in rows if r["kind"] == "noop"}
+    # a server's batched no-op (noop-batched on the launchers' environment, ts-logs-noop beside ts-logs);
+    # a serving on a server without one is set against noop-batched
+    key = {s.id: server_key(s) for s in FIXED_COST.servings}
+    batched_noop = {key[s.id]: s.id for s in FIXED_COST.servings if s.noop and s.batch_size > 1}
     out = []
     for r in rows:
-        baseline = noop.get((NOOP_BASELINE.get(r["layout"], "noop-batched"), r["case"]))
+        baseline = noop.get((batched_noop.get(key.get(r["layout"]), "noop-batched"), r["case"]))
         if r["kind"] != "served" or baseline is None:
             continue
         name = r["limit_payload"]

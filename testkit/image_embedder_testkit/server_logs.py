@@ -3,6 +3,8 @@ keeps one access-log line a request and drops the rest of TorchServe's per-reque
 from __future__ import annotations
 
 import os
+import time
+from typing import Callable
 
 # what TorchServe 0.12 writes per request that the shipped config drops (tests/test_server_logs.py
 # shows each one in TorchServe's own config)
@@ -29,3 +31,14 @@ def per_request_lines(workdir: str) -> dict[str, list[str]]:
 def accesses(workdir: str, path: str) -> int:
     """The access log's lines for answered (200) POSTs to `path`."""
     return read_log(workdir, "logs/access_log.log").count(f'"POST {path} HTTP/1.1" 200')
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 60.0) -> bool:
+    """Whether `check` held before `timeout`: the workers' lines and the access log's reach the files
+    asynchronously (a reader thread, the answer sent first), so a test polls."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
